@@ -1,0 +1,164 @@
+"""Model layout, the diffusion objective and the trap8 estimator."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TINY_ENV
+from train_mdlm import (
+    TRAP8_MASK_RATES,
+    DiffusionTransformer,
+    EvalResult,
+    Hyperparameters,
+    diffusion_loss,
+    evaluate,
+    mask_tokens,
+    sample_mask_rates,
+    trapezoid_weights,
+)
+from contextlib import nullcontext
+
+
+def make_args(**overrides) -> Hyperparameters:
+    return Hyperparameters({**TINY_ENV, **overrides})
+
+
+def test_default_recurrence_runs_12_block_applications():
+    args = make_args(NUM_LAYERS="9", MODEL_DIM="32", NUM_HEADS="4", NUM_KV_HEADS="2", UNET_SKIPS="3", LOOP_START="1", LOOP_END="4", LOOP_EXTRA="1")
+    model = DiffusionTransformer(args)
+    calls = []
+    for index, block in enumerate(model.blocks):
+        block.register_forward_hook(lambda module, inputs, output, index=index: calls.append(index))
+    model(torch.randint(0, 1024, (1, 16)))
+    assert len(model.blocks) == 9
+    assert calls == [0, 1, 2, 3, 1, 2, 3, 4, 5, 6, 7, 8]
+    assert model.block_schedule() == calls
+
+
+def test_loop_extra_repeats_loop_blocks():
+    model = DiffusionTransformer(make_args(NUM_LAYERS="6", UNET_SKIPS="3", LOOP_START="0", LOOP_END="2", LOOP_EXTRA="2"))
+    assert model.block_schedule() == [0, 1, 2, 0, 1, 0, 1, 3, 4, 5]
+
+
+def test_head_never_predicts_mask():
+    args = make_args()
+    model = DiffusionTransformer(args)
+    logits = model(torch.full((2, 8), args.vocab_size))
+    assert logits.shape == (2, 8, args.vocab_size)  # one logit per real token, none for [MASK] = VOCAB_SIZE
+    assert model.tok_emb.num_embeddings == args.vocab_size + 1
+
+
+def test_attention_sees_both_directions():
+    torch.manual_seed(0)
+    model = DiffusionTransformer(make_args())
+    for p in model.parameters():  # zero-init projections would hide the attention path
+        p.data.add_(0.05 * torch.randn_like(p))
+    x = torch.randint(0, 1024, (1, 16))
+    changed = x.clone()
+    changed[0, -1] = (x[0, -1] + 1) % 1024
+    first_logits, first_logits_changed = model(x)[0, 0], model(changed)[0, 0]
+    assert not torch.allclose(first_logits, first_logits_changed)
+
+
+def test_initialization():
+    torch.manual_seed(0)
+    model = DiffusionTransformer(make_args(TIED_EMBED_INIT_STD="0.005"))
+    block = model.blocks[0]
+    assert torch.count_nonzero(block.attn.proj.weight) == 0
+    assert torch.count_nonzero(block.mlp.proj.weight) == 0
+    q = block.attn.c_q.weight
+    assert torch.allclose(q @ q.T, torch.eye(q.size(0)), atol=1e-5)  # orthogonal
+    assert torch.all(block.attn.q_gain == 1.5)
+    assert abs(model.tok_emb.weight.std().item() - 0.005) < 0.0005
+
+
+def test_logits_respect_softcap():
+    model = DiffusionTransformer(make_args(LOGIT_SOFTCAP="2.0"))
+    model.tok_emb.weight.data.mul_(1e4)
+    logits = model(torch.randint(0, 1024, (1, 8)))
+    assert logits.abs().max() <= 2.0
+
+
+def test_mask_rates_come_in_antithetic_pairs():
+    torch.manual_seed(0)
+    t = sample_mask_rates(10, 0.05, "cpu")
+    assert t.shape == (10,)
+    assert torch.allclose(t[:5] + t[5:], torch.full((5,), 1.05))
+    assert t.min() >= 0.05
+    assert t.max() <= 1.0
+    assert sample_mask_rates(7, 0.05, "cpu").shape == (7,)
+
+
+def test_mask_fraction_follows_rate():
+    torch.manual_seed(0)
+    t = torch.tensor([0.05, 0.3, 0.7, 1.0])
+    length = 20_000
+    x0 = torch.randint(0, 1024, (4, length))
+    x_t, masked = mask_tokens(x0, t, mask_id=1024)
+    fraction = masked.float().mean(dim=1)
+    tolerance = 5 * torch.sqrt(t * (1 - t) / length) + 1e-9
+    assert torch.all((fraction - t).abs() <= tolerance)
+    assert torch.equal(x_t[masked], torch.full_like(x_t[masked], 1024))
+    assert torch.equal(x_t[~masked], x0[~masked])
+
+
+def test_diffusion_loss_weights_masked_tokens_by_inverse_rate():
+    model = DiffusionTransformer(make_args())
+    x0 = torch.randint(0, 1024, (4, 32))
+    torch.manual_seed(3)
+    loss = diffusion_loss(model, x0, 0.05, 1024)
+    torch.manual_seed(3)
+    t = 0.05 + 0.95 * torch.rand(2)
+    t = torch.cat((t, 1.05 - t))
+    masked = torch.rand(x0.shape) < t[:, None]
+    logits = model(torch.where(masked, 1024, x0))
+    expected = 0.0
+    for row in range(4):
+        nll = F.cross_entropy(logits[row], x0[row], reduction="none")
+        expected += nll[masked[row]].sum() / t[row]
+    assert torch.allclose(loss, expected / x0.numel())
+
+
+def test_trapezoid_weights_of_trap8():
+    weights = trapezoid_weights(TRAP8_MASK_RATES)
+    assert weights == pytest.approx([0.025, 0.075, 0.125, 0.15, 0.15, 0.15, 0.15, 0.075])
+    assert sum(weights) == pytest.approx(0.9)
+
+
+class UniformDenoiser(torch.nn.Module):
+    """Predicts every token with probability 1/V, whatever the input."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x_t):
+        return torch.zeros(*x_t.shape, self.vocab_size) + self.anchor
+
+
+def test_trap8_of_uniform_model_is_point_nine_log_vocab():
+    args = make_args(TRAIN_SEQ_LEN="256", VAL_BATCH_SIZE="8192")
+    val = torch.randint(0, 1024, (64, 256))
+    result = evaluate(UniformDenoiser(1024), val, total_bytes=40_000, args=args, rank=0, world_size=1, autocast=nullcontext)
+    assert isinstance(result, EvalResult)
+    # E[(1/t)·#masked] = L at every rate, so the estimate is Σ w_j · ln V per token, within sampling noise.
+    assert result.val_loss == pytest.approx(0.9 * math.log(1024), rel=0.01)
+    assert result.val_bpb == pytest.approx(result.val_loss * val.numel() / math.log(2) / 40_000, rel=1e-12)
+
+
+def test_trap8_is_deterministic_and_independent_of_batching():
+    torch.manual_seed(0)
+    model = DiffusionTransformer(make_args())
+    val = torch.randint(0, 1024, (10, 64))
+    small = evaluate(model, val, 1000, make_args(VAL_BATCH_SIZE="512"), 0, 1, nullcontext)
+    large = evaluate(model, val, 1000, make_args(VAL_BATCH_SIZE="65536"), 0, 1, nullcontext)
+    again = evaluate(model, val, 1000, make_args(VAL_BATCH_SIZE="512"), 0, 1, nullcontext)
+    assert small.val_bpb == again.val_bpb
+    assert small.val_bpb == pytest.approx(large.val_bpb, rel=1e-6)
+    other_seed = evaluate(model, val, 1000, make_args(VAL_BATCH_SIZE="512", EVAL_SEED="1"), 0, 1, nullcontext)
+    assert other_seed.val_bpb != small.val_bpb
