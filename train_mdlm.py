@@ -38,7 +38,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # HYPERPARAMETERS
 # -----------------------------
 # Defaults reproduce the reference 8xH100 run: 9 blocks at width 512 (12 block applications with the
-# loop), 524,288 tokens per step at length 1024, 600 s of training, trap8 evaluation.
+# loop), 524,288 tokens per step at length 1024, 600 s of training. The final score is the elbo
+# estimator (an upper bound in expectation) rather than the reference run's trap8.
 
 
 class InputError(Exception):
@@ -102,7 +103,6 @@ class Hyperparameters:
         self.micro_batch_tokens = env_int(env, "MICRO_BATCH_TOKENS", 65_536, low=2)
         self.val_loss_every = env_int(env, "VAL_LOSS_EVERY", 1000, low=0)  # 0 = only the final score
         self.train_log_every = env_int(env, "TRAIN_LOG_EVERY", 200, low=0)
-        self.val_batch_size = env_int(env, "VAL_BATCH_SIZE", 524_288, low=1)  # global tokens per eval pass
 
         # Model shape.
         self.vocab_size = env_int(env, "VOCAB_SIZE", 1024, low=2, high=65535)  # [MASK] gets id VOCAB_SIZE
@@ -123,7 +123,13 @@ class Hyperparameters:
 
         # Diffusion: per-sequence mask rate t drawn from [NOISE_EPS, 1] in antithetic pairs.
         self.noise_eps = env_float(env, "NOISE_EPS", 0.05, low=1e-4, high=0.5)
-        self.eval_seed = env_int(env, "EVAL_SEED", 0, low=0)  # masks of the evaluation estimator
+
+        # Evaluation: methods over the whole validation split; the first sets the final val_bpb.
+        self.eval_methods = env.get("EVAL_METHOD", "").strip() or "elbo"  # comma list: elbo, chainK, trap8
+        self.eval_passes = env_int(env, "EVAL_PASSES", 32, low=2)  # elbo forward passes per sequence
+        self.eval_batch_tokens = env_int(env, "EVAL_BATCH_TOKENS", 65_536, low=1)  # per rank per forward pass
+        self.eval_seed = env_int(env, "EVAL_SEED", 0, low=0)  # masks of the random estimators
+        self.eval_only = env.get("EVAL_ONLY", "").strip()  # artifact to score instead of training
 
         # Optimizer: Muon for block matrices, Adam for the embedding and for scalars and control tensors.
         self.matrix_lr = env_float(env, "MATRIX_LR", 0.04, low=0.0)
@@ -149,6 +155,7 @@ class Hyperparameters:
         self.torch_compile = env_choice(env, "TORCH_COMPILE", "auto", ("auto", "0", "1"))
         self.device = env_choice(env, "DEVICE", "auto", ("auto", "cuda", "cpu"))
         self.check_shape()
+        self.parse_eval_methods()
 
     @property
     def num_encoder_layers(self) -> int:
@@ -169,6 +176,14 @@ class Hyperparameters:
                 f"LOOP_START={self.loop_start} and LOOP_END={self.loop_end} must satisfy "
                 f"0 <= LOOP_START <= LOOP_END <= {self.num_encoder_layers} (the encoder half of NUM_LAYERS)"
             )
+
+    def parse_eval_methods(self) -> list[EvalMethod]:
+        if self.eval_passes % 2 or self.eval_passes // 2 > self.train_seq_len:
+            raise InputError(
+                f"EVAL_PASSES={self.eval_passes} must be even and at most 2*TRAIN_SEQ_LEN={2 * self.train_seq_len}: "
+                "elbo splits its passes into two independent halves of strata over 1..TRAIN_SEQ_LEN"
+            )
+        return parse_eval_methods(self.eval_methods, self.train_seq_len, self.eval_passes)
 
     def check_batch(self, world_size: int) -> tuple[int, int]:
         """Return (sequences per rank per step, gradient accumulation steps), or raise InputError."""
@@ -579,11 +594,25 @@ def diffusion_loss(model: nn.Module, x0: Tensor, eps: float, mask_id: int) -> Te
 # -----------------------------
 # LIKELIHOOD EVALUATION
 # -----------------------------
-# trap8, the reference run's estimator: the NELBO integrand at eight mask rates, combined with trapezoid
-# weights. It covers t in [0.05, 0.95] only (the weights sum to 0.9), leaving out the noisiest part of
-# the integral, so it is NOT an upper bound on the code length and reads lower than the true NELBO.
+# Every method scores the whole validation split as rows: one row is one forward pass over one
+# sequence with some positions masked, and its value is a weighted sum of −log p_θ over its scored
+# positions. A method fixes the rows of a sequence (passes_per_seq of them) and how they add up:
+#   elbo    the continuous-time NELBO in its exact-count form, an upper bound on the code length in
+#           expectation: Σ_{m=1..L} (1/m)·E_{|M|=m}[Σ_{i∈M} −log p_θ(x_i | x_{−M})], where the 1/m is
+#           ∫₀¹ (1/t)·P(|M| = m | t) dt for α_t = 1 − t. m is drawn stratified over 1..L and exactly m
+#           positions are masked, so every weight is bounded (no 1/t blow-up as t → 0).
+#   chainK  the exact code length of a left-to-right factorization in blocks of K tokens: each block is
+#           predicted from one pass over the revealed prefix with everything after it masked; its
+#           distribution is a product of normalized per-token distributions, so the sum is a true
+#           log-likelihood. K = 1 is the exact left-to-right likelihood.
+#   trap8   the reference run's estimator: the NELBO integrand at eight mask rates with trapezoid
+#           weights. It covers t in [0.05, 0.95] only (weights sum to 0.9) and is NOT a bound.
+# Random draws come from a generator per (EVAL_SEED, sequence, method), rows are processed in
+# fixed global chunks dealt round-robin to ranks, and sums are float64 in a fixed order, so a result
+# does not depend on the number of ranks.
 
 TRAP8_MASK_RATES = (0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95)
+METHOD_KINDS = {"elbo": "nelbo_estimate", "chain": "exact_code_length", "trap8": "not_a_bound"}
 
 
 def trapezoid_weights(points: tuple[float, ...]) -> list[float]:
@@ -591,60 +620,161 @@ def trapezoid_weights(points: tuple[float, ...]) -> list[float]:
     return [(points[1] - points[0]) / 2, *inner, (points[-1] - points[-2]) / 2]
 
 
+def method_generator(eval_seed: int, seq_index: int, method: str) -> torch.Generator:
+    """A CPU generator private to one sequence and method, so masks do not depend on ranks or batching."""
+    # torch's CPU generator keeps only 32 bits of a seed, so mix all three into 32 well-spread bits.
+    entropy = [eval_seed, seq_index, zlib.crc32(method.encode())]
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+
+
+def elbo_strata(seq_len: int, passes: int) -> list[tuple[int, int]]:
+    """Split m = 1..L into passes/2 contiguous strata [lo, hi); each half of the passes covers all of them."""
+    count = passes // 2
+    edges = [1 + k * seq_len // count for k in range(count + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def elbo_rows(x0: Tensor, gen: torch.Generator, passes: int) -> tuple[Tensor, Tensor]:
+    """Masks and weights of one sequence's elbo rows: two independent stratified halves of passes/2 rows.
+
+    Row k of a half draws m uniformly from stratum [lo, hi), masks m positions uniformly and weighs
+    the masked −log p by (hi − lo)/m, an unbiased estimate of Σ_{m in stratum} (1/m)·E[Σ_M −log p].
+    Each half sums to an unbiased NELBO estimate; the row weights carry an extra 1/2 to average them.
+    """
+    seq_len = x0.numel()
+    masks, weights = [], []
+    for _ in range(2):
+        for lo, hi in elbo_strata(seq_len, passes):
+            m = int(torch.randint(lo, hi, (1,), generator=gen))
+            mask = torch.zeros(seq_len, dtype=torch.bool)
+            mask[torch.randperm(seq_len, generator=gen)[:m]] = True
+            masks.append(mask)
+            weights.append((hi - lo) / m / 2)
+    return torch.stack(masks), torch.tensor(weights, dtype=torch.float64)
+
+
+def trap8_rows(x0: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Masks and weights of one sequence's trap8 rows: mask rate t_j, weight w_j/t_j (trapezoid w_j)."""
+    rates = torch.tensor(TRAP8_MASK_RATES)
+    masks = torch.rand(len(rates), x0.numel(), generator=gen) < rates[:, None]
+    weights = torch.tensor(trapezoid_weights(TRAP8_MASK_RATES), dtype=torch.float64) / rates.double()
+    return masks, weights
+
+
+def chain_rows(x0: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Inputs masks and scored positions of one sequence's chain rows: block b sees blocks < b only."""
+    positions = torch.arange(x0.numel())
+    starts = torch.arange(0, x0.numel(), block)
+    hidden = positions[None, :] >= starts[:, None]
+    scored = hidden & (positions[None, :] < starts[:, None] + block)
+    return hidden, scored, torch.ones(len(starts), dtype=torch.float64)
+
+
+@dataclass
+class EvalMethod:
+    name: str  # elbo, chainK or trap8
+    kind: str
+    passes_per_seq: int
+    block: int = 0  # chain block size
+
+    def rows(self, x0: Tensor, seq_index: int, eval_seed: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Return (hidden, scored, weight) of the sequence's rows: positions set to [MASK], positions scored."""
+        if self.name.startswith("chain"):
+            return chain_rows(x0, self.block)
+        gen = method_generator(eval_seed, seq_index, self.name)
+        masks, weights = elbo_rows(x0, gen, self.passes_per_seq) if self.name == "elbo" else trap8_rows(x0, gen)
+        return masks, masks, weights
+
+
+def parse_eval_methods(spec: str, seq_len: int, passes: int) -> list[EvalMethod]:
+    methods = []
+    for name in (part.strip() for part in spec.split(",")):
+        if name == "elbo":
+            methods.append(EvalMethod(name, METHOD_KINDS["elbo"], passes))
+        elif name == "trap8":
+            methods.append(EvalMethod(name, METHOD_KINDS["trap8"], len(TRAP8_MASK_RATES)))
+        elif name.startswith("chain") and name[5:].isdigit() and 1 <= int(name[5:]) <= seq_len:
+            block = int(name[5:])
+            methods.append(EvalMethod(name, METHOD_KINDS["chain"], -(-seq_len // block), block))
+        else:
+            raise InputError(
+                f"EVAL_METHOD={spec!r}: {name!r} is not a method; use elbo, trap8 or chainK with "
+                f"1 <= K <= TRAIN_SEQ_LEN={seq_len}, separated by commas"
+            )
+    return methods
+
+
 @dataclass
 class EvalResult:
+    method: EvalMethod
     val_loss: float  # nats per token
     val_bpb: float  # bits per UTF-8 byte
+    stderr_bpb: float | None  # Monte Carlo standard error of val_bpb (elbo only)
     eval_ms: float
+    tokens_per_s: float  # token positions run through the model per second, all ranks together
 
 
-def sequence_generator(eval_seed: int, seq_index: int) -> torch.Generator:
-    """A CPU generator private to one validation sequence, so masks do not depend on ranks or batching."""
-    # torch's CPU generator keeps only 32 bits of a seed, so mix both numbers into 32 well-spread bits.
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([eval_seed, seq_index]).generate_state(1)[0]))
+def bits_per_byte(nats: float, total_bytes: int) -> float:
+    """The challenge's metric, the same for every method: code length in bits over the split's UTF-8 bytes."""
+    return nats / math.log(2.0) / total_bytes
 
 
-def trap8_sequence_nats(model: nn.Module, seqs: Tensor, first_index: int, args, autocast) -> Tensor:
-    """trap8 NELBO estimate in nats of each sequence: Σ_j w_j (1/t_j) Σ_masked −log p_θ at t_j."""
-    rates = torch.tensor(TRAP8_MASK_RATES)
-    weights = torch.tensor(trapezoid_weights(TRAP8_MASK_RATES), dtype=torch.float64)
-    draws = torch.stack(
-        [torch.rand(len(rates), seqs.size(1), generator=sequence_generator(args.eval_seed, first_index + i)) for i in range(len(seqs))]
-    )
-    masked = (draws < rates[None, :, None]).flatten(0, 1)
-    x0 = seqs.repeat_interleave(len(rates), dim=0)
+def score_rows(model: nn.Module, x0: Tensor, hidden: Tensor, scored: Tensor, mask_id: int, autocast) -> Tensor:
+    """Σ −log p_θ(x₀ⁱ | x₀ with hidden positions set to [MASK]) over each row's scored positions, float64."""
     device = next(model.parameters()).device
-    x0, masked = x0.to(device), masked.to(device)
+    x0, hidden, scored = x0.to(device), hidden.to(device), scored.to(device)
     with autocast():
-        logits = model(torch.where(masked, args.vocab_size, x0))
-    nll = masked_cross_entropy(logits, x0, masked).double().sum(dim=1).cpu().view(len(seqs), len(rates))
-    return (nll * (weights / rates.double())).sum(dim=1)
+        logits = model(torch.where(hidden, mask_id, x0))
+    return masked_cross_entropy(logits, x0, scored).double().sum(dim=1).cpu()
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, val_seqs: Tensor, total_bytes: int, args, rank: int, world_size: int, autocast) -> EvalResult:
-    """Score the whole validation split with trap8, sequences split across ranks; sums in float64."""
+def score_sequences(model: nn.Module, method: EvalMethod, val_seqs: Tensor, args, rank: int, world_size: int, autocast) -> Tensor:
+    """Weighted value of every row, shape (num_seqs, passes_per_seq); a row of sequence s is rows_of(s)."""
+    num_seqs, seq_len = val_seqs.shape
+    passes = method.passes_per_seq
+    num_rows = num_seqs * passes
+    chunk_rows = max(args.eval_batch_tokens // seq_len, 1)
+    values = torch.zeros(num_rows, dtype=torch.float64)
+    for chunk, first in enumerate(range(0, num_rows, chunk_rows)):
+        if chunk % world_size != rank:
+            continue
+        last = min(first + chunk_rows, num_rows)
+        seqs = range(first // passes, (last - 1) // passes + 1)
+        hidden, scored, weights = (torch.cat(part) for part in zip(*(method.rows(val_seqs[s], s, args.eval_seed) for s in seqs)))
+        x0 = val_seqs[seqs.start : seqs.stop].repeat_interleave(passes, dim=0)
+        rows = slice(first - seqs.start * passes, last - seqs.start * passes)
+        values[first:last] = score_rows(model, x0[rows], hidden[rows], scored[rows], args.vocab_size, autocast) * weights[rows]
+    if world_size > 1:
+        device = next(model.parameters()).device
+        reduced = values.to(device)
+        dist.all_reduce(reduced)  # every row is non-zero on exactly one rank
+        values = reduced.cpu()
+    return values.view(num_seqs, passes)
+
+
+def evaluate(model: nn.Module, method: EvalMethod, val_seqs: Tensor, total_bytes: int, args, rank: int, world_size: int, autocast) -> EvalResult:
+    """Score the whole validation split with one method, rows shared across ranks."""
     start = time.perf_counter()
     was_training = model.training
     model.eval()
-    num_seqs, seq_len = val_seqs.shape
-    first, last = num_seqs * rank // world_size, num_seqs * (rank + 1) // world_size
-    seqs_per_pass = max(args.val_batch_size // world_size // seq_len // len(TRAP8_MASK_RATES), 1)
-    device = next(model.parameters()).device
-    per_seq = torch.zeros(num_seqs, dtype=torch.float64)
-    for i in range(first, last, seqs_per_pass):
-        stop = min(i + seqs_per_pass, last)
-        per_seq[i:stop] = trap8_sequence_nats(model, val_seqs[i:stop], i, args, autocast)
-    if world_size > 1:
-        per_seq = per_seq.to(device)
-        dist.all_reduce(per_seq)  # each sequence is non-zero on exactly one rank
-        per_seq = per_seq.cpu()
-    total_nats = math.fsum(per_seq.tolist())  # fixed order: the result does not depend on world size
+    values = score_sequences(model, method, val_seqs, args, rank, world_size, autocast)
     model.train(was_training)
+    total_nats = math.fsum(values.flatten().tolist())  # fixed order, so independent of world size
+    stderr = None
+    if method.name == "elbo":
+        # Each half of the passes is an independent unbiased estimate, so Var(mean) ≈ (a − b)²/4.
+        half = method.passes_per_seq // 2
+        a, b = 2 * values[:, :half].sum(dim=1), 2 * values[:, half:].sum(dim=1)
+        stderr = bits_per_byte(math.sqrt(math.fsum(((a - b) ** 2 / 4).tolist())), total_bytes)
+    elapsed = time.perf_counter() - start
     return EvalResult(
+        method=method,
         val_loss=total_nats / val_seqs.numel(),
-        val_bpb=total_nats / math.log(2.0) / total_bytes,
-        eval_ms=1000.0 * (time.perf_counter() - start),
+        val_bpb=bits_per_byte(total_nats, total_bytes),
+        stderr_bpb=stderr,
+        eval_ms=1000.0 * elapsed,
+        tokens_per_s=values.numel() * val_seqs.size(1) / elapsed,
     )
 
 
@@ -966,7 +1096,7 @@ class Trainer:
         result = self.evaluate_fn(self.model)
         self.log0(
             f"step:{step}/{self.args.iterations} val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} "
-            f"estimator:trap8 train_time:{train_ms:.0f}ms eval_time:{result.eval_ms:.0f}ms"
+            f"estimator:{result.method.name} train_time:{train_ms:.0f}ms eval_time:{result.eval_ms:.0f}ms"
         )
 
     def update_late_phase(self, step: int, scale: float) -> None:
@@ -1076,20 +1206,11 @@ def log_environment(code: str, runtime: Runtime, log0) -> None:
             log0(f"nvidia-smi:unavailable error:{error}", console=False)
 
 
-def check_inputs(args: Hyperparameters, log0):
-    """Validate tokenizer and every shard before any training; returns what training needs."""
-    if args.export_compressor == "zstd":
-        try:
-            import zstandard  # noqa: F401
-        except ImportError:
-            raise InputError("EXPORT_COMPRESSOR=zstd needs the zstandard package: pip install zstandard") from None
+def check_validation_inputs(args: Hyperparameters, log0) -> tuple[Tensor, int]:
+    """Validate the tokenizer and the validation shards; return the split's sequences and UTF-8 byte count."""
     sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
     start = time.perf_counter()
-    train_files = find_shards(args.train_files, "training")
     val_files = find_shards(args.val_files, "validation")
-    train_tokens = check_shards(train_files, args.vocab_size)
-    if train_tokens == 0:
-        raise InputError(f"the training shards matching {args.train_files} hold no tokens")
     check_shards(val_files, args.vocab_size)
     val_seqs = load_validation_tokens(val_files, args.train_seq_len)
     if int(val_seqs[0, 0]) != sp.bos_id():
@@ -1099,12 +1220,30 @@ def check_inputs(args: Hyperparameters, log0):
         )
     total_bytes = int(count_token_bytes(val_seqs.flatten().numpy(), build_byte_tables(sp)).sum())
     log0(f"tokenizer:{args.tokenizer_path} vocab_size:{sp.vocab_size()}")
-    log0(f"train_shards:{len(train_files)} train_tokens:{train_tokens} data_path:{args.data_path}")
     log0(
         f"val_shards:{len(val_files)} val_tokens:{val_seqs.numel()} val_seqs:{len(val_seqs)} val_bytes:{total_bytes} "
         f"check_time:{1000.0 * (time.perf_counter() - start):.0f}ms"
     )
-    return train_files, val_seqs, total_bytes
+    return val_seqs, total_bytes
+
+
+def check_training_inputs(args: Hyperparameters, log0) -> list[str]:
+    """Validate every training shard and the export settings; return the shard paths."""
+    if args.export_compressor == "zstd":
+        try:
+            import zstandard  # noqa: F401
+        except ImportError:
+            raise InputError("EXPORT_COMPRESSOR=zstd needs the zstandard package: pip install zstandard") from None
+    start = time.perf_counter()
+    train_files = find_shards(args.train_files, "training")
+    train_tokens = check_shards(train_files, args.vocab_size)
+    if train_tokens == 0:
+        raise InputError(f"the training shards matching {args.train_files} hold no tokens")
+    log0(
+        f"train_shards:{len(train_files)} train_tokens:{train_tokens} data_path:{args.data_path} "
+        f"check_time:{1000.0 * (time.perf_counter() - start):.0f}ms"
+    )
+    return train_files
 
 
 def build_model(args: Hyperparameters, runtime: Runtime) -> DiffusionTransformer:
@@ -1141,23 +1280,51 @@ def write_artifact(model: nn.Module, code: str, args: Hyperparameters, runtime: 
     return path
 
 
-def read_artifact_everywhere(path: str, runtime: Runtime) -> dict[str, Tensor]:
-    """Rank 0 reads the artifact from disk and sends the bytes to all ranks, which need no shared filesystem."""
-    payload = [Path(path).read_bytes() if runtime.is_master else None]
+def load_artifact_model(path: str, args: Hyperparameters, runtime: Runtime) -> tuple[DiffusionTransformer, str]:
+    """Build a fresh model from an artifact on rank 0's disk; return it and the artifact's compressor.
+
+    Rank 0 reads the file and sends the bytes to all ranks, which need no shared filesystem.
+    """
+    payload = [Path(path).read_bytes() if runtime.is_master and os.path.isfile(path) else None]
     if runtime.distributed:
         dist.broadcast_object_list(payload, src=0)
-    return load_artifact(payload[0])
+    if payload[0] is None:
+        raise InputError(f"artifact not found: {path}")
+    model = build_model(args, runtime)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    state = load_artifact(payload[0])
+    found = {name: tuple(t.shape) for name, t in state.items()}
+    if found != expected:
+        name = sorted(set(found) ^ set(expected) or {n for n in found if found[n] != expected[n]})[0]
+        raise InputError(
+            f"artifact {path} does not fit the model settings: tensor {name} has shape {found.get(name, 'absent')} "
+            f"in the artifact but {expected.get(name, 'absent')} in the model; set NUM_LAYERS, MODEL_DIM, NUM_HEADS, "
+            "NUM_KV_HEADS, MLP_MULT, VOCAB_SIZE and UNET_SKIPS as in the run that wrote it"
+        )
+    model.load_state_dict(state)
+    return model, "zstd" if payload[0].startswith(ZSTD_MAGIC) else "zlib"
 
 
-def main() -> None:
-    code = Path(__file__).read_text(encoding="utf-8")
-    args = Hyperparameters()
-    args.check_batch(int(os.environ.get("WORLD_SIZE", "1")))  # before joining the process group
-    runtime = init_runtime(args)
-    log0 = make_logger(args, runtime)
-    log_environment(code, runtime, log0)
-    train_files, val_seqs, total_bytes = check_inputs(args, log0)
+def log_final_results(results: list[EvalResult], compressor: str, log0) -> None:
+    """The challenge's final lines for the first method, then one line per method."""
+    first, prefix = results[0], f"final_int8_{compressor}_roundtrip"
+    log0(
+        f"{prefix} val_loss:{first.val_loss:.4f} val_bpb:{first.val_bpb:.4f} eval_time:{first.eval_ms:.0f}ms "
+        f"estimator:{first.method.name} kind:{first.method.kind}"
+    )
+    log0(f"{prefix}_exact val_loss:{first.val_loss:.8f} val_bpb:{first.val_bpb:.8f}")
+    for result in results:
+        stderr = "" if result.stderr_bpb is None else f" stderr:{result.stderr_bpb:.8f}"
+        log0(
+            f"eval_method:{result.method.name} val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f}{stderr} "
+            f"passes_per_seq:{result.method.passes_per_seq} eval_time:{result.eval_ms:.0f}ms "
+            f"eval_tok_s:{result.tokens_per_s:.0f} kind:{result.method.kind}"
+        )
 
+
+def train_and_export(args: Hyperparameters, runtime: Runtime, code: str, evaluate_first, log0) -> str:
+    """Train, swap in the EMA, write the artifact; return its path."""
+    train_files = check_training_inputs(args, log0)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = build_model(args, runtime)
     torch.manual_seed(args.seed * 1_000_003 + runtime.rank + 1)  # different masks on each rank
@@ -1172,32 +1339,47 @@ def main() -> None:
         f"warmdown_iters:{args.warmdown_iters} noise_eps:{args.noise_eps} seed:{args.seed}"
     )
 
-    def evaluate_fn(eval_model: nn.Module) -> EvalResult:
-        scored = torch.compile(eval_model) if runtime.compile else eval_model
-        return evaluate(scored, val_seqs, total_bytes, args, runtime.rank, runtime.world_size, runtime.autocast)
-
     def loader_factory() -> TrainLoader:
         return TrainLoader(train_files, runtime.rank, runtime.world_size, seqs_per_rank, args.train_seq_len, runtime.device)
 
-    trainer = Trainer(args, runtime, model, train_model, loader_factory, evaluate_fn, log0)
+    trainer = Trainer(args, runtime, model, train_model, loader_factory, evaluate_first, log0)
     trainer.warm_up()
     steps = trainer.run()
     log_peak_memory(runtime, log0)
-
     model.set_qat(False)
     if trainer.ema is not None:
         trainer.ema.copy_to_model()
         log0(f"ema:swapped_in decay:{args.ema_decay} steps_averaged:{trainer.ema.updates}")
     else:
         log0(f"ema:not_used reason:lr_scale_never_reached_{args.ema_start_lr_scale} steps:{steps}")
+    return write_artifact(model, code, args, runtime, log0)
 
-    path = write_artifact(model, code, args, runtime, log0)
-    fresh = build_model(args, runtime)
-    fresh.load_state_dict(read_artifact_everywhere(path, runtime))
-    result = evaluate_fn(fresh)
-    prefix = f"final_int8_{args.export_compressor}_roundtrip"
-    log0(f"{prefix} val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} eval_time:{result.eval_ms:.0f}ms estimator:trap8 upper_bound:false")
-    log0(f"{prefix}_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f}")
+
+def main() -> None:
+    code = Path(__file__).read_text(encoding="utf-8")
+    args = Hyperparameters()
+    methods = args.parse_eval_methods()
+    if not args.eval_only:
+        args.check_batch(int(os.environ.get("WORLD_SIZE", "1")))  # before joining the process group
+    runtime = init_runtime(args)
+    log0 = make_logger(args, runtime)
+    log_environment(code, runtime, log0)
+    val_seqs, total_bytes = check_validation_inputs(args, log0)
+
+    def evaluate_all(eval_model: nn.Module, first_only: bool = False) -> list[EvalResult]:
+        scored = torch.compile(eval_model) if runtime.compile else eval_model
+        return [
+            evaluate(scored, method, val_seqs, total_bytes, args, runtime.rank, runtime.world_size, runtime.autocast)
+            for method in methods[: 1 if first_only else None]
+        ]
+
+    if args.eval_only:
+        log0(f"eval_only:{args.eval_only}")
+        path = args.eval_only
+    else:
+        path = train_and_export(args, runtime, code, lambda m: evaluate_all(m, first_only=True)[0], log0)
+    model, compressor = load_artifact_model(path, args, runtime)
+    log_final_results(evaluate_all(model), compressor, log0)
     if runtime.distributed:
         dist.destroy_process_group()
 

@@ -31,7 +31,8 @@ TINY_ENV = {
     "LOOP_END": "2",
     "TRAIN_SEQ_LEN": "64",
     "TRAIN_BATCH_TOKENS": "4096",
-    "VAL_BATCH_SIZE": "4096",
+    "EVAL_BATCH_TOKENS": "4096",
+    "EVAL_PASSES": "16",
     "ITERATIONS": "60",
     "WARMDOWN_ITERS": "60",
     "MAX_WALLCLOCK_SECONDS": "0",
@@ -118,7 +119,7 @@ class TrainedRun:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, tiny_data) -> TrainedRun:
     workdir = tmp_path_factory.mktemp("trained_run")
-    env = script_env(tiny_data, VAL_LOSS_EVERY="60")
+    env = script_env(tiny_data, VAL_LOSS_EVERY="60", EVAL_METHOD="elbo,chain16,trap8")
     result = run_script(env, workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     return TrainedRun(workdir, env, result)

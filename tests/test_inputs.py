@@ -58,11 +58,11 @@ def test_invalid_setting(monkeypatch, tmp_path, data, overrides, message):
     expect_input_error(monkeypatch, tmp_path, script_env(data, **overrides), message)
 
 
-def test_missing_training_shards(monkeypatch, tmp_path):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    text = expect_input_error(monkeypatch, tmp_path, script_env(empty), "no training shards found")
-    assert str(empty / "fineweb_train_*.bin") in text
+def test_missing_training_shards(monkeypatch, tmp_path, data):
+    for shard in data.glob("fineweb_train_*.bin"):
+        shard.unlink()
+    text = expect_input_error(monkeypatch, tmp_path, script_env(data), "no training shards found")
+    assert str(data / "fineweb_train_*.bin") in text
 
 
 def test_missing_validation_shards(monkeypatch, tmp_path, data):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import TINY_ENV
 from train_mdlm import (
     TRAP8_MASK_RATES,
+    parse_eval_methods,
     DiffusionTransformer,
     EvalResult,
     Hyperparameters,
@@ -142,9 +143,10 @@ class UniformDenoiser(torch.nn.Module):
 
 
 def test_trap8_of_uniform_model_is_point_nine_log_vocab():
-    args = make_args(TRAIN_SEQ_LEN="256", VAL_BATCH_SIZE="8192")
+    args = make_args(TRAIN_SEQ_LEN="256", EVAL_BATCH_TOKENS="8192")
     val = torch.randint(0, 1024, (64, 256))
-    result = evaluate(UniformDenoiser(1024), val, total_bytes=40_000, args=args, rank=0, world_size=1, autocast=nullcontext)
+    (trap8,) = parse_eval_methods("trap8", 256, 2)
+    result = evaluate(UniformDenoiser(1024), trap8, val, total_bytes=40_000, args=args, rank=0, world_size=1, autocast=nullcontext)
     assert isinstance(result, EvalResult)
     # E[(1/t)·#masked] = L at every rate, so the estimate is Σ w_j · ln V per token, within sampling noise.
     assert result.val_loss == pytest.approx(0.9 * math.log(1024), rel=0.01)
@@ -155,10 +157,12 @@ def test_trap8_is_deterministic_and_independent_of_batching():
     torch.manual_seed(0)
     model = DiffusionTransformer(make_args())
     val = torch.randint(0, 1024, (10, 64))
-    small = evaluate(model, val, 1000, make_args(VAL_BATCH_SIZE="512"), 0, 1, nullcontext)
-    large = evaluate(model, val, 1000, make_args(VAL_BATCH_SIZE="65536"), 0, 1, nullcontext)
-    again = evaluate(model, val, 1000, make_args(VAL_BATCH_SIZE="512"), 0, 1, nullcontext)
-    assert small.val_bpb == again.val_bpb
-    assert small.val_bpb == pytest.approx(large.val_bpb, rel=1e-6)
-    other_seed = evaluate(model, val, 1000, make_args(VAL_BATCH_SIZE="512", EVAL_SEED="1"), 0, 1, nullcontext)
-    assert other_seed.val_bpb != small.val_bpb
+    (trap8,) = parse_eval_methods("trap8", 64, 2)
+
+    def score(**overrides):
+        return evaluate(model, trap8, val, 1000, make_args(**overrides), 0, 1, nullcontext).val_bpb
+
+    small = score(EVAL_BATCH_TOKENS="128")
+    assert small == score(EVAL_BATCH_TOKENS="128")
+    assert small == pytest.approx(score(EVAL_BATCH_TOKENS="65536"), rel=1e-6)
+    assert small != score(EVAL_BATCH_TOKENS="128", EVAL_SEED="1")

@@ -53,10 +53,12 @@ def test_final_lines_report_sizes_and_score(trained_run):
     assert total_bytes == artifact_bytes + code_bytes
     final = final_line(stdout)
     exact = final_line(stdout, "_exact")
-    assert final["estimator"] == "trap8"
-    assert final["upper_bound"] == "false"
+    assert final["estimator"] == "elbo"
+    assert final["kind"] == "nelbo_estimate"
     assert float(final["val_bpb"]) == pytest.approx(float(exact["val_bpb"]), abs=5e-5)
-    assert stdout.strip().splitlines()[-1].startswith("final_int8_zlib_roundtrip_exact ")
+    last_lines = stdout.strip().splitlines()[-4:]
+    assert last_lines[0].startswith("final_int8_zlib_roundtrip_exact ")
+    assert [parse_fields(line)["eval_method"] for line in last_lines[1:]] == ["elbo", "chain16", "trap8"]
 
 
 def test_late_phase_lines(trained_run):
@@ -77,17 +79,79 @@ def test_log_file_starts_with_script_source(trained_run):
     assert log.rstrip().endswith(trained_run.stdout.rstrip().splitlines()[-1])
 
 
-def test_artifact_rescored_in_process_reproduces_final_line(trained_run):
+def method_lines(stdout: str) -> dict[str, dict[str, str]]:
+    lines = [parse_fields(line) for line in lines_starting(stdout, "eval_method:")]
+    return {fields["eval_method"]: fields for fields in lines}
+
+
+def scores(stdout: str) -> dict[str, tuple[str, ...]]:
+    """The numbers an evaluation must reproduce exactly: everything but timings."""
+    result = {name: (f["val_loss"], f["val_bpb"], f.get("stderr")) for name, f in method_lines(stdout).items()}
+    exact = final_line(stdout, "_exact")
+    result["final"] = (exact["val_loss"], exact["val_bpb"], final_line(stdout)["estimator"])
+    return result
+
+
+def test_every_method_uses_the_same_bytes(trained_run):
+    split = parse_fields(lines_starting(trained_run.stdout, "val_shards:")[0])
+    tokens, total_bytes = int(split["val_tokens"]), int(split["val_bytes"])
+    methods = method_lines(trained_run.stdout)
+    assert set(methods) == {"elbo", "chain16", "trap8"}
+    for fields in methods.values():
+        expected_bpb = float(fields["val_loss"]) * tokens / math.log(2) / total_bytes
+        assert float(fields["val_bpb"]) == pytest.approx(expected_bpb, rel=1e-7)
+
+
+def test_method_kinds_and_passes(trained_run):
+    methods = method_lines(trained_run.stdout)
+    assert methods["elbo"]["kind"] == "nelbo_estimate"
+    assert methods["chain16"]["kind"] == "exact_code_length"
+    assert methods["trap8"]["kind"] == "not_a_bound"
+    assert methods["elbo"]["passes_per_seq"] == "16"
+    assert methods["chain16"]["passes_per_seq"] == "4"  # 64 tokens in blocks of 16
+    assert methods["trap8"]["passes_per_seq"] == "8"
+    assert float(methods["elbo"]["stderr"]) > 0
+    assert "stderr" not in methods["chain16"]
+    assert float(methods["trap8"]["val_bpb"]) < float(methods["elbo"]["val_bpb"])  # trap8 leaves out part of the NELBO
+
+
+def test_artifact_rescored_in_process_reproduces_final_lines(trained_run):
     args = Hyperparameters(trained_run.env)
     sp = load_tokenizer(str(TOKENIZER), args.vocab_size)
     val = load_validation_tokens(find_shards(args.val_files, "validation"), args.train_seq_len)
     total_bytes = int(count_token_bytes(val.flatten().numpy(), build_byte_tables(sp)).sum())
     model = DiffusionTransformer(args)
     model.load_state_dict(load_artifact(trained_run.artifact.read_bytes()))
-    result = evaluate(model, val, total_bytes, args, 0, 1, nullcontext)
-    exact = final_line(trained_run.stdout, "_exact")
-    assert f"{result.val_bpb:.8f}" == exact["val_bpb"]
-    assert f"{result.val_loss:.8f}" == exact["val_loss"]
+    logged = method_lines(trained_run.stdout)
+    for method in args.parse_eval_methods():
+        result = evaluate(model, method, val, total_bytes, args, 0, 1, nullcontext)
+        assert f"{result.val_bpb:.8f}" == logged[method.name]["val_bpb"]
+        assert f"{result.val_loss:.8f}" == logged[method.name]["val_loss"]
+
+
+@pytest.mark.parametrize("nproc", [None, 2])
+def test_eval_only_reproduces_training_run(tmp_path, trained_run, nproc):
+    env = dict(trained_run.env, EVAL_ONLY=str(trained_run.artifact), RUN_ID="rescore")
+    result = run_script(env, tmp_path, nproc=nproc)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step:" not in result.stdout
+    assert not (tmp_path / "final_model.int8.ptz").exists()
+    assert scores(result.stdout) == scores(trained_run.stdout)
+
+
+def test_eval_only_rejects_other_shape(tmp_path, trained_run):
+    env = dict(trained_run.env, EVAL_ONLY=str(trained_run.artifact), MODEL_DIM="32")
+    result = run_script(env, tmp_path)
+    assert result.returncode == 2
+    message = result.stderr.strip()
+    assert message.startswith(f"error: artifact {trained_run.artifact} does not fit the model settings: tensor ")
+    assert "tensor blocks.0.attn.c_k.weight has shape (32, 64) in the artifact but (16, 32) in the model" in message
+
+
+def test_eval_only_missing_artifact(tmp_path, trained_run):
+    result = run_script(dict(trained_run.env, EVAL_ONLY=str(tmp_path / "none.ptz")), tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: artifact not found: {tmp_path / 'none.ptz'}"
 
 
 def test_two_rank_run_under_torchrun(tmp_path, tiny_data, trained_run):
