@@ -635,7 +635,7 @@ def elbo_strata(seq_len: int, passes: int) -> list[tuple[int, int]]:
 
 
 def elbo_rows(x0: Tensor, gen: torch.Generator, passes: int) -> tuple[Tensor, Tensor]:
-    """Masks and weights of one sequence's elbo rows: two independent stratified halves of passes/2 rows.
+    """Draw one sequence's elbo rows: two independent stratified halves of passes/2 masks and weights.
 
     Row k of a half draws m uniformly from stratum [lo, hi), masks m positions uniformly and weighs
     the masked −log p by (hi − lo)/m, an unbiased estimate of Σ_{m in stratum} (1/m)·E[Σ_M −log p].
@@ -654,7 +654,7 @@ def elbo_rows(x0: Tensor, gen: torch.Generator, passes: int) -> tuple[Tensor, Te
 
 
 def trap8_rows(x0: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Masks and weights of one sequence's trap8 rows: mask rate t_j, weight w_j/t_j (trapezoid w_j)."""
+    """Draw one sequence's trap8 rows: a mask at each rate t_j, weighted w_j/t_j (trapezoid weight w_j)."""
     rates = torch.tensor(TRAP8_MASK_RATES)
     masks = torch.rand(len(rates), x0.numel(), generator=gen) < rates[:, None]
     weights = torch.tensor(trapezoid_weights(TRAP8_MASK_RATES), dtype=torch.float64) / rates.double()
@@ -662,7 +662,7 @@ def trap8_rows(x0: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
 
 
 def chain_rows(x0: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Inputs masks and scored positions of one sequence's chain rows: block b sees blocks < b only."""
+    """Build one sequence's chain rows: row b hides blocks >= b and scores block b, so it sees blocks < b only."""
     positions = torch.arange(x0.numel())
     starts = torch.arange(0, x0.numel(), block)
     hidden = positions[None, :] >= starts[:, None]
@@ -672,6 +672,8 @@ def chain_rows(x0: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
 
 @dataclass
 class EvalMethod:
+    """One evaluation method: how many rows each sequence gets and how they are masked and weighted."""
+
     name: str  # elbo, chainK or trap8
     kind: str
     passes_per_seq: int
@@ -687,6 +689,7 @@ class EvalMethod:
 
 
 def parse_eval_methods(spec: str, seq_len: int, passes: int) -> list[EvalMethod]:
+    """Parse EVAL_METHOD, a comma list of elbo, trap8 and chainK."""
     methods = []
     for name in (part.strip() for part in spec.split(",")):
         if name == "elbo":
