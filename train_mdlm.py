@@ -576,6 +576,17 @@ def diffusion_loss(model: nn.Module, x0: Tensor, eps: float, mask_id: int) -> Te
     return (nll / t[:, None]).sum() / x0.numel()
 
 
+class DiffusionObjective(nn.Module):
+    """diffusion_loss as a module, so that torch.compile traces mask sampling, forward and loss as one graph."""
+
+    def __init__(self, model: DiffusionTransformer, eps: float):
+        super().__init__()
+        self.model, self.eps = model, eps
+
+    def forward(self, x0: Tensor) -> Tensor:
+        return diffusion_loss(self.model, x0, self.eps, self.model.mask_id)
+
+
 # -----------------------------
 # LIKELIHOOD EVALUATION
 # -----------------------------
@@ -908,7 +919,7 @@ class Trainer:
 
     def __init__(self, args, runtime, model, train_model, loader_factory, evaluate_fn, log0):
         self.args, self.runtime = args, runtime
-        self.model, self.train_model = model, train_model  # raw module; the compiled/DDP wrapper trained
+        self.model, self.train_model = model, train_model  # raw module; x0 -> loss (build_train_model)
         self.loader_factory = loader_factory
         self.loader = loader_factory()
         self.evaluate_fn, self.log0 = evaluate_fn, log0
@@ -929,7 +940,7 @@ class Trainer:
             sync = self.runtime.distributed and i == self.accum_steps - 1
             with self.train_model.no_sync() if self.runtime.distributed and not sync else nullcontext():
                 with self.runtime.autocast():
-                    loss = diffusion_loss(self.train_model, micro, self.args.noise_eps, self.model.mask_id)
+                    loss = self.train_model(micro)
                 (loss / self.accum_steps).backward()
             total += loss.detach()
         for group in self.optimizers[2].param_groups:
@@ -1111,6 +1122,18 @@ def build_model(args: Hyperparameters, runtime: Runtime) -> DiffusionTransformer
     return DiffusionTransformer(args).to(runtime.device)
 
 
+def build_train_model(model: DiffusionTransformer, args: Hyperparameters, runtime: Runtime) -> nn.Module:
+    """The module Trainer steps: x0 -> loss, compiled without graph breaks (fullgraph) when enabled, DDP-wrapped across ranks."""
+    train_model = DiffusionObjective(model, args.noise_eps)
+    if runtime.compile:
+        train_model = torch.compile(train_model, fullgraph=True, dynamic=False)
+    if runtime.distributed:
+        # The RoPE tables are the only buffers and are the same on every rank: no broadcast each step.
+        device_ids = [runtime.local_rank] if runtime.device.type == "cuda" else None
+        train_model = DDP(train_model, device_ids=device_ids, broadcast_buffers=False)
+    return train_model
+
+
 def log_peak_memory(runtime: Runtime, log0) -> None:
     if runtime.device.type == "cuda":
         allocated = torch.cuda.max_memory_allocated(runtime.device) // 2**20
@@ -1161,9 +1184,7 @@ def main() -> None:
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = build_model(args, runtime)
     torch.manual_seed(args.seed * 1_000_003 + runtime.rank + 1)  # different masks on each rank
-    train_model = torch.compile(model) if runtime.compile else model
-    if runtime.distributed:
-        train_model = DDP(train_model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None)
+    train_model = build_train_model(model, args, runtime)
     seqs_per_rank, accum_steps = args.check_batch(runtime.world_size)
     log0(f"model_params:{sum(p.numel() for p in model.parameters())} block_schedule:{','.join(map(str, model.block_schedule()))}")
     log0(

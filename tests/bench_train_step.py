@@ -301,7 +301,7 @@ def main() -> None:
     data, loader_factory = make_loader_factory(args, runtime)
     torch.manual_seed(args.seed)
     model = train_mdlm.build_model(args, runtime)
-    train_model = torch.compile(model) if runtime.compile else model
+    train_model = train_mdlm.build_train_model(model, args, runtime)
     trainer = Trainer(args, runtime, model, train_model, loader_factory, None, lambda message, console=True: None)
 
     tokens_per_step = seqs_per_rank * args.train_seq_len
