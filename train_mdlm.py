@@ -683,24 +683,25 @@ def evaluate(model: nn.Module, val_seqs: Tensor, total_bytes: int, args, rank: i
 
 
 def newton_schulz5(grad: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
-    """Approximate U Vᵀ of grad = U S Vᵀ; singular values land in about [0.7, 1.2], not exactly 1.
+    """Approximate U Vᵀ of grad = U S Vᵀ (one matrix, or a stack of them); singular values land in about [0.7, 1.2].
 
     The quintic's coefficients (3.4445, −4.7750, 2.0315) trade exactness for a steep slope at 0.
     """
     a, b, c = 3.4445, -4.7750, 2.0315
     x = grad.to(torch.bfloat16 if grad.is_cuda else torch.float32)
-    x = x / (x.norm() + eps)
-    transposed = x.size(0) > x.size(1)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
+    transposed = x.size(-2) > x.size(-1)
     if transposed:
-        x = x.T
+        x = x.mT
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if transposed else x
+    return x.mT if transposed else x
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon with Nesterov momentum and decoupled weight decay; rank r orthogonalizes every world_size-th matrix."""
+    """Muon with Nesterov momentum and decoupled weight decay. Matrices of one shape run through Newton–Schulz as
+    one batch, split evenly over ranks and all-gathered asynchronously: one shape's transfer overlaps the next's work."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
@@ -708,33 +709,35 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         distributed = dist.is_available() and dist.is_initialized()
-        world_size = dist.get_world_size() if distributed else 1
-        rank = dist.get_rank() if distributed else 0
+        world_size, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
         for group in self.param_groups:
-            params = group["params"]
-            device = params[0].device
-            # bfloat16 halves the all-reduce on GPUs; gloo runs in float32.
-            flat = torch.zeros(sum(p.numel() for p in params), device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-            offset = 0
-            for i, p in enumerate(params):
-                if i % world_size == rank and p.grad is not None:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p.grad)
-                    buf = state["momentum_buffer"]
-                    buf.mul_(group["momentum"]).add_(p.grad)
-                    update = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
-                    update = newton_schulz5(update, group["backend_steps"])
-                    update *= max(1.0, p.size(0) / p.size(1)) ** 0.5  # equal RMS for tall matrices
-                    flat[offset : offset + p.numel()] = update.flatten()
-                offset += p.numel()
-            if distributed:
-                dist.all_reduce(flat)
-            offset = 0
-            for p in params:
-                p.mul_(1.0 - group["lr"] * group["weight_decay"])
-                p.add_(flat[offset : offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += p.numel()
+            shapes = dict.fromkeys(p.shape for p in group["params"])  # in first-seen order
+            same_shape = [[p for p in group["params"] if p.shape == shape] for shape in shapes]
+            started = [self.start_updates(params, group, rank, world_size) for params in same_shape]
+            for params, updates, transfer in started:
+                if transfer is not None:
+                    transfer.wait()
+                rms_scale = max(1.0, params[0].size(0) / params[0].size(1)) ** 0.5  # equal update RMS for tall matrices
+                torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
+                updates = list(updates[: len(params)].to(params[0].dtype).unbind())
+                torch._foreach_add_(params, updates, alpha=-group["lr"] * rms_scale)
+
+    def start_updates(self, params: list[Tensor], group: dict, rank: int, world_size: int):
+        """Orthogonalize this rank's slice of same-shape params; return (params, updates of all, pending all-gather)."""
+        per_rank = -(-len(params) // world_size)
+        mine = params[rank * per_rank : (rank + 1) * per_rank]
+        updates = [torch.zeros_like(params[0])] * (per_rank - len(mine))  # padding, which Newton–Schulz keeps at 0
+        if mine:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in mine]
+            buffers = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in mine]
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, grads)
+            updates = [*torch._foreach_add(grads, buffers, alpha=group["momentum"]), *updates]  # Nesterov
+        local = newton_schulz5(torch.stack(updates), group["backend_steps"])  # bfloat16 on GPUs
+        if world_size == 1:
+            return params, local, None
+        gathered = local.new_empty(world_size * per_rank, *params[0].shape)
+        return params, gathered, dist.all_gather_into_tensor(gathered, local, async_op=True)
 
 
 def is_control_tensor(name: str) -> bool:
