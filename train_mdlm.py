@@ -333,7 +333,7 @@ class TokenStream:
             parts.append(part)
             self.pos += len(part)
             count -= len(part)
-        return np.concatenate(parts)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)  # one part: a view, no copy
 
 
 class TrainLoader:
@@ -719,8 +719,7 @@ class Muon(torch.optim.Optimizer):
                     transfer.wait()
                 rms_scale = max(1.0, params[0].size(0) / params[0].size(1)) ** 0.5  # equal update RMS for tall matrices
                 torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
-                updates = list(updates[: len(params)].to(params[0].dtype).unbind())
-                torch._foreach_add_(params, updates, alpha=-group["lr"] * rms_scale)
+                torch._foreach_add_(params, list(updates[: len(params)].to(params[0].dtype).unbind()), alpha=-group["lr"] * rms_scale)
 
     def start_updates(self, params: list[Tensor], group: dict, rank: int, world_size: int):
         """Orthogonalize this rank's slice of same-shape params; return (params, updates of all, pending all-gather)."""
@@ -941,6 +940,7 @@ class Trainer:
         self.model, self.train_model = model, train_model  # raw module; x0 -> loss (build_train_model)
         self.loader_factory = loader_factory
         self.loader = loader_factory()
+        self.prefetched: Tensor | None = None  # the next step's batch, read while the device runs this one
         self.evaluate_fn, self.log0 = evaluate_fn, log0
         self.optimizers = build_optimizers(model, args)
         _, self.accum_steps = args.check_batch(runtime.world_size)
@@ -953,7 +953,7 @@ class Trainer:
 
     def train_step(self, step: int, scale: float) -> Tensor:
         """One optimizer step over this rank's share of the global batch; returns the mean loss (no sync)."""
-        batch = self.loader.next_batch()
+        batch = self.prefetched if self.prefetched is not None else self.loader.next_batch()
         total = torch.zeros((), device=self.runtime.device)
         for i, micro in enumerate(batch.chunk(self.accum_steps)):
             sync = self.runtime.distributed and i == self.accum_steps - 1
@@ -962,6 +962,7 @@ class Trainer:
                     loss = self.train_model(micro)
                 (loss / self.accum_steps).backward()
             total += loss.detach()
+        self.prefetched = self.loader.next_batch()  # host work and copy overlap the queued device work
         for group in self.optimizers[2].param_groups:
             group["momentum"] = muon_momentum(step, self.args)
         for opt in self.optimizers:
@@ -990,7 +991,7 @@ class Trainer:
         self.model.load_state_dict(model_state)
         for opt, state in zip(self.optimizers, optimizer_states):
             opt.load_state_dict(state)
-        self.loader = self.loader_factory()
+        self.loader, self.prefetched = self.loader_factory(), None
 
     def log_validation(self, step: int, train_ms: float) -> None:
         result = self.evaluate_fn(self.model)
@@ -1142,14 +1143,13 @@ def build_model(args: Hyperparameters, runtime: Runtime) -> DiffusionTransformer
 
 
 def build_train_model(model: DiffusionTransformer, args: Hyperparameters, runtime: Runtime) -> nn.Module:
-    """The module Trainer steps: x0 -> loss, compiled without graph breaks (fullgraph) when enabled, DDP-wrapped across ranks."""
+    """The x0 -> loss module Trainer steps: one graph (fullgraph) when compiled, then DDP. The only buffers, the RoPE
+    tables, are built alike on every rank, so DDP skips broadcasting them before each forward."""
     train_model = DiffusionObjective(model, args.noise_eps)
     if runtime.compile:
         train_model = torch.compile(train_model, fullgraph=True, dynamic=False)
     if runtime.distributed:
-        # The RoPE tables are the only buffers and are the same on every rank: no broadcast each step.
-        device_ids = [runtime.local_rank] if runtime.device.type == "cuda" else None
-        train_model = DDP(train_model, device_ids=device_ids, broadcast_buffers=False)
+        train_model = DDP(train_model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None, broadcast_buffers=False)
     return train_model
 
 
