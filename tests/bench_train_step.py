@@ -252,8 +252,11 @@ def make_loader_factory(args, runtime):
     return "shards", lambda: train_mdlm.TrainLoader(train_files, 0, 1, seqs_per_rank, args.train_seq_len, runtime.device)
 
 
-def bench_training(trainer, settings, args, runtime) -> list[float]:
-    """Run the warmup steps, then time settings.steps steps of the script's Trainer.train_step."""
+def bench_training(trainer, settings, args, runtime):
+    """Run the warmup steps, then time settings.steps steps of the script's Trainer.train_step.
+
+    Returns the step times in ms and the step function, for the pairs with the reference step.
+    """
     if settings.late_phase:
         trainer.model.set_qat(True)
         trainer.ema = train_mdlm.EMA(trainer.model, args.ema_decay)
