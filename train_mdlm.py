@@ -521,7 +521,7 @@ class DiffusionTransformer(nn.Module):
                 module.qat = enabled
 
     def forward(self, x_t: Tensor, positions: Tensor | None = None) -> Tensor:
-        """Logits at every position, shape (B, L, V), or only at the flat indices `positions`, shape (K, V)."""
+        """Return logits at every position, shape (B, L, V), or only at the flat indices `positions`, shape (K, V)."""
         emb_weight = fake_quantize_per_row(self.tok_emb.weight) if self.qat else self.tok_emb.weight
         x = F.rms_norm(F.embedding(x_t, emb_weight), (emb_weight.size(1),))
         x0 = x
@@ -572,9 +572,9 @@ def masked_cross_entropy(logits: Tensor, x0: Tensor, masked: Tensor) -> Tensor:
 
 
 def loss_positions(masked: Tensor, eps: float) -> Tensor:
-    """Flat indices of a fixed number of positions, every masked one first, so the head and the loss skip most
-    unmasked positions with a static shape. Antithetic pairs mask (1 + eps)·L tokens per pair on average (an
-    odd last row at most L); by Hoeffding's inequality, a count 4·sqrt(B·L) above that has probability < e^-32."""
+    """Select a fixed number of flat positions, every masked one first, so the head and the loss skip most unmasked
+    positions at a static shape. Antithetic pairs mask (1 + eps)·L tokens per pair on average (an odd last row at
+    most L), and by Hoeffding's inequality a count 4·sqrt(B·L) above that has probability below e^-32."""
     batch, length = masked.shape
     expected = (batch // 2) * (1 + eps) * length + (batch % 2) * length
     budget = min(batch * length, math.ceil(expected + 4 * math.sqrt(batch * length)))
@@ -683,10 +683,10 @@ def evaluate(model: nn.Module, val_seqs: Tensor, total_bytes: int, args, rank: i
 
 
 def newton_schulz5(grad: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
-    """Approximate U Vᵀ of grad = U S Vᵀ (one matrix, or a stack of them); singular values land in about [0.7, 1.2].
+    """Approximate U Vᵀ of grad = U S Vᵀ, for one matrix or a stack of them (batch dimension first).
 
-    The quintic's coefficients (3.4445, −4.7750, 2.0315) trade exactness for a steep slope at 0.
-    """
+    Singular values land in about [0.7, 1.2], not exactly 1, because the quintic's coefficients (3.4445, −4.7750,
+    2.0315) trade exactness for a steep slope at 0."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = grad.to(torch.bfloat16 if grad.is_cuda else torch.float32)
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
@@ -701,7 +701,7 @@ def newton_schulz5(grad: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
 
 class Muon(torch.optim.Optimizer):
     """Muon with Nesterov momentum and decoupled weight decay. Matrices of one shape run through Newton–Schulz as
-    one batch, split evenly over ranks and all-gathered asynchronously: one shape's transfer overlaps the next's work."""
+    one batch, split evenly over ranks and all-gathered asynchronously, so one shape's transfer overlaps the next's."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
@@ -722,7 +722,7 @@ class Muon(torch.optim.Optimizer):
                 torch._foreach_add_(params, list(updates[: len(params)].to(params[0].dtype).unbind()), alpha=-group["lr"] * rms_scale)
 
     def start_updates(self, params: list[Tensor], group: dict, rank: int, world_size: int):
-        """Orthogonalize this rank's slice of same-shape params; return (params, updates of all, pending all-gather)."""
+        """Orthogonalize this rank's slice of same-shape params and start the all-gather of every rank's slice."""
         per_rank = -(-len(params) // world_size)
         mine = params[rank * per_rank : (rank + 1) * per_rank]
         updates = [torch.zeros_like(params[0])] * (per_rank - len(mine))  # padding, which Newton–Schulz keeps at 0
@@ -1143,8 +1143,8 @@ def build_model(args: Hyperparameters, runtime: Runtime) -> DiffusionTransformer
 
 
 def build_train_model(model: DiffusionTransformer, args: Hyperparameters, runtime: Runtime) -> nn.Module:
-    """The x0 -> loss module Trainer steps: one graph (fullgraph) when compiled, then DDP. The only buffers, the RoPE
-    tables, are built alike on every rank, so DDP skips broadcasting them before each forward."""
+    """Wrap the model into the x0 -> loss module that Trainer steps: one graph (fullgraph) when compiled, then DDP.
+    The only buffers, the RoPE tables, are built alike on every rank, so DDP skips broadcasting them each forward."""
     train_model = DiffusionObjective(model, args.noise_eps)
     if runtime.compile:
         train_model = torch.compile(train_model, fullgraph=True, dynamic=False)
