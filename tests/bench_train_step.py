@@ -2,8 +2,8 @@
 
 The shape, the batch and the runtime come from the script's own environment variables (NUM_LAYERS,
 MODEL_DIM, TRAIN_SEQ_LEN, TRAIN_BATCH_TOKENS, MICRO_BATCH_TOKENS, VAL_BATCH_SIZE, TORCH_COMPILE, DEVICE
-and the rest); the BENCH_* variables below set the timing. It runs one process: TRAIN_BATCH_TOKENS is
-the batch of the one device, so 65536 matches the reference run's per-GPU share of 524288 on 8 GPUs.
+and the rest). The BENCH_* variables below set the timing. It runs one process, so TRAIN_BATCH_TOKENS is
+the batch of the one device: 65536 matches the reference run's per-GPU share of 524288 on 8 GPUs.
 Pytest does not collect this file (its name does not start with test_). From the repository root:
 
     DATA_PATH=./data/datasets/fineweb_sample_sp1024 python3 tests/bench_train_step.py
@@ -297,7 +297,7 @@ def bench_evaluation(model, settings, args, runtime) -> tuple[int, float]:
 
 def main() -> None:
     settings = BenchSettings()
-    os.environ.pop("WORLD_SIZE", None)  # one process, whatever the shell says
+    os.environ.pop("WORLD_SIZE", None)  # one process, even under a WORLD_SIZE set by torchrun or the shell
     args = train_mdlm.Hyperparameters()
     seqs_per_rank, _ = args.check_batch(1)
     runtime = train_mdlm.init_runtime(args)
