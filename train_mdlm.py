@@ -348,7 +348,7 @@ class TokenStream:
             parts.append(part)
             self.pos += len(part)
             count -= len(part)
-        return np.concatenate(parts)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)  # one part: a view, no copy
 
 
 class TrainLoader:
@@ -535,7 +535,8 @@ class DiffusionTransformer(nn.Module):
             if isinstance(module, CastedLinear):
                 module.qat = enabled
 
-    def forward(self, x_t: Tensor) -> Tensor:
+    def forward(self, x_t: Tensor, positions: Tensor | None = None) -> Tensor:
+        """Return logits at every position, shape (B, L, V), or only at the flat indices `positions`, shape (K, V)."""
         emb_weight = fake_quantize_per_row(self.tok_emb.weight) if self.qat else self.tok_emb.weight
         x = F.rms_norm(F.embedding(x_t, emb_weight), (emb_weight.size(1),))
         x0 = x
@@ -551,6 +552,8 @@ class DiffusionTransformer(nn.Module):
                 x = x + self.skip_weights[j] * skips.pop()
             x = self.blocks[i](x, x0, cos, sin)
         x = F.rms_norm(x, (x.size(-1),))
+        if positions is not None:
+            x = x.flatten(0, 1)[positions]
         # SUBS: the head has no [MASK] row, so [MASK] is never predicted.
         logits = F.linear(x, emb_weight[: self.vocab_size].to(x.dtype)).float()
         return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
@@ -583,12 +586,36 @@ def masked_cross_entropy(logits: Tensor, x0: Tensor, masked: Tensor) -> Tensor:
     return nll * masked
 
 
+def loss_positions(masked: Tensor, eps: float) -> Tensor:
+    """Select a fixed number of flat positions, every masked one first, so the head and the loss skip most unmasked
+    positions at a static shape. Antithetic pairs mask (1 + eps)·L tokens per pair on average (an odd last row at
+    most L), and by Hoeffding's inequality a count 4·sqrt(B·L) above that has probability below e^-32."""
+    batch, length = masked.shape
+    expected = (batch // 2) * (1 + eps) * length + (batch % 2) * length
+    budget = min(batch * length, math.ceil(expected + 4 * math.sqrt(batch * length)))
+    # NOTE: masked tokens beyond the budget (probability below 1.3e-14 per micro-batch) drop out of the loss.
+    return torch.argsort(masked.flatten().to(torch.uint8), descending=True, stable=True)[:budget]
+
+
 def diffusion_loss(model: nn.Module, x0: Tensor, eps: float, mask_id: int) -> Tensor:
     """One-sample NELBO per token: Σ_masked (1/t)·(−log p_θ) over the batch, divided by all B·L positions."""
     t = sample_mask_rates(x0.size(0), eps, x0.device)
     x_t, masked = mask_tokens(x0, t, mask_id)
-    nll = masked_cross_entropy(model(x_t), x0, masked)
-    return (nll / t[:, None]).sum() / x0.numel()
+    positions = loss_positions(masked, eps)
+    nll = F.cross_entropy(model(x_t, positions), x0.flatten()[positions], reduction="none")
+    weight = masked.flatten()[positions] / t[positions // x0.size(1)]  # 0 at the unmasked positions selected
+    return (nll * weight).sum() / x0.numel()
+
+
+class DiffusionObjective(nn.Module):
+    """diffusion_loss as a module, so that torch.compile traces mask sampling, forward and loss as one graph."""
+
+    def __init__(self, model: DiffusionTransformer, eps: float):
+        super().__init__()
+        self.model, self.eps = model, eps
+
+    def forward(self, x0: Tensor) -> Tensor:
+        return diffusion_loss(self.model, x0, self.eps, self.model.mask_id)
 
 
 # -----------------------------
@@ -789,24 +816,25 @@ def evaluate(model: nn.Module, method: EvalMethod, val_seqs: Tensor, total_bytes
 
 
 def newton_schulz5(grad: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
-    """Approximate U Vᵀ of grad = U S Vᵀ; singular values land in about [0.7, 1.2], not exactly 1.
+    """Approximate U Vᵀ of grad = U S Vᵀ, for one matrix or a stack of them (batch dimension first).
 
-    The quintic's coefficients (3.4445, −4.7750, 2.0315) trade exactness for a steep slope at 0.
-    """
+    Singular values land in about [0.7, 1.2], not exactly 1, because the quintic's coefficients (3.4445, −4.7750,
+    2.0315) trade exactness for a steep slope at 0."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = grad.to(torch.bfloat16 if grad.is_cuda else torch.float32)
-    x = x / (x.norm() + eps)
-    transposed = x.size(0) > x.size(1)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
+    transposed = x.size(-2) > x.size(-1)
     if transposed:
-        x = x.T
+        x = x.mT
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if transposed else x
+    return x.mT if transposed else x
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon with Nesterov momentum and decoupled weight decay; rank r orthogonalizes every world_size-th matrix."""
+    """Muon with Nesterov momentum and decoupled weight decay. Matrices of one shape run through Newton–Schulz as
+    one batch, split evenly over ranks and all-gathered asynchronously, so one shape's transfer overlaps the next's."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
@@ -814,33 +842,34 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         distributed = dist.is_available() and dist.is_initialized()
-        world_size = dist.get_world_size() if distributed else 1
-        rank = dist.get_rank() if distributed else 0
+        world_size, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
         for group in self.param_groups:
-            params = group["params"]
-            device = params[0].device
-            # bfloat16 halves the all-reduce on GPUs; gloo runs in float32.
-            flat = torch.zeros(sum(p.numel() for p in params), device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-            offset = 0
-            for i, p in enumerate(params):
-                if i % world_size == rank and p.grad is not None:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p.grad)
-                    buf = state["momentum_buffer"]
-                    buf.mul_(group["momentum"]).add_(p.grad)
-                    update = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
-                    update = newton_schulz5(update, group["backend_steps"])
-                    update *= max(1.0, p.size(0) / p.size(1)) ** 0.5  # equal RMS for tall matrices
-                    flat[offset : offset + p.numel()] = update.flatten()
-                offset += p.numel()
-            if distributed:
-                dist.all_reduce(flat)
-            offset = 0
-            for p in params:
-                p.mul_(1.0 - group["lr"] * group["weight_decay"])
-                p.add_(flat[offset : offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += p.numel()
+            shapes = dict.fromkeys(p.shape for p in group["params"])  # in first-seen order
+            same_shape = [[p for p in group["params"] if p.shape == shape] for shape in shapes]
+            started = [self.start_updates(params, group, rank, world_size) for params in same_shape]
+            for params, updates, transfer in started:
+                if transfer is not None:
+                    transfer.wait()
+                rms_scale = max(1.0, params[0].size(0) / params[0].size(1)) ** 0.5  # equal update RMS for tall matrices
+                torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
+                torch._foreach_add_(params, list(updates[: len(params)].to(params[0].dtype).unbind()), alpha=-group["lr"] * rms_scale)
+
+    def start_updates(self, params: list[Tensor], group: dict, rank: int, world_size: int):
+        """Orthogonalize this rank's slice of same-shape params and start the all-gather of every rank's slice."""
+        per_rank = -(-len(params) // world_size)
+        mine = params[rank * per_rank : (rank + 1) * per_rank]
+        updates = [torch.zeros_like(params[0])] * (per_rank - len(mine))  # padding, which Newton–Schulz keeps at 0
+        if mine:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in mine]
+            buffers = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in mine]
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, grads)
+            updates = [*torch._foreach_add(grads, buffers, alpha=group["momentum"]), *updates]  # Nesterov
+        local = newton_schulz5(torch.stack(updates), group["backend_steps"])  # bfloat16 on GPUs
+        if world_size == 1:
+            return params, local, None
+        gathered = local.new_empty(world_size * per_rank, *params[0].shape)
+        return params, gathered, dist.all_gather_into_tensor(gathered, local, async_op=True)
 
 
 def is_control_tensor(name: str) -> bool:
@@ -1041,9 +1070,10 @@ class Trainer:
 
     def __init__(self, args, runtime, model, train_model, loader_factory, evaluate_fn, log0):
         self.args, self.runtime = args, runtime
-        self.model, self.train_model = model, train_model  # raw module; the compiled/DDP wrapper trained
+        self.model, self.train_model = model, train_model  # raw module; x0 -> loss (build_train_model)
         self.loader_factory = loader_factory
         self.loader = loader_factory()
+        self.prefetched: Tensor | None = None  # the next step's batch, read while the device runs this one
         self.evaluate_fn, self.log0 = evaluate_fn, log0
         self.optimizers = build_optimizers(model, args)
         _, self.accum_steps = args.check_batch(runtime.world_size)
@@ -1056,15 +1086,16 @@ class Trainer:
 
     def train_step(self, step: int, scale: float) -> Tensor:
         """One optimizer step over this rank's share of the global batch; returns the mean loss (no sync)."""
-        batch = self.loader.next_batch()
+        batch = self.prefetched if self.prefetched is not None else self.loader.next_batch()
         total = torch.zeros((), device=self.runtime.device)
         for i, micro in enumerate(batch.chunk(self.accum_steps)):
             sync = self.runtime.distributed and i == self.accum_steps - 1
             with self.train_model.no_sync() if self.runtime.distributed and not sync else nullcontext():
                 with self.runtime.autocast():
-                    loss = diffusion_loss(self.train_model, micro, self.args.noise_eps, self.model.mask_id)
+                    loss = self.train_model(micro)
                 (loss / self.accum_steps).backward()
             total += loss.detach()
+        self.prefetched = self.loader.next_batch()  # host work and copy overlap the queued device work
         for group in self.optimizers[2].param_groups:
             group["momentum"] = muon_momentum(step, self.args)
         for opt in self.optimizers:
@@ -1093,7 +1124,7 @@ class Trainer:
         self.model.load_state_dict(model_state)
         for opt, state in zip(self.optimizers, optimizer_states):
             opt.load_state_dict(state)
-        self.loader = self.loader_factory()
+        self.loader, self.prefetched = self.loader_factory(), None
 
     def log_validation(self, step: int, train_ms: float) -> None:
         result = self.evaluate_fn(self.model)
@@ -1253,6 +1284,17 @@ def build_model(args: Hyperparameters, runtime: Runtime) -> DiffusionTransformer
     return DiffusionTransformer(args).to(runtime.device)
 
 
+def build_train_model(model: DiffusionTransformer, args: Hyperparameters, runtime: Runtime) -> nn.Module:
+    """Wrap the model into the x0 -> loss module that Trainer steps: one graph (fullgraph) when compiled, then DDP.
+    The only buffers, the RoPE tables, are built alike on every rank, so DDP skips broadcasting them each forward."""
+    train_model = DiffusionObjective(model, args.noise_eps)
+    if runtime.compile:
+        train_model = torch.compile(train_model, fullgraph=True, dynamic=False)
+    if runtime.distributed:
+        train_model = DDP(train_model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None, broadcast_buffers=False)
+    return train_model
+
+
 def log_peak_memory(runtime: Runtime, log0) -> None:
     if runtime.device.type == "cuda":
         allocated = torch.cuda.max_memory_allocated(runtime.device) // 2**20
@@ -1331,9 +1373,7 @@ def train_and_export(args: Hyperparameters, runtime: Runtime, code: str, evaluat
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = build_model(args, runtime)
     torch.manual_seed(args.seed * 1_000_003 + runtime.rank + 1)  # different masks on each rank
-    train_model = torch.compile(model) if runtime.compile else model
-    if runtime.distributed:
-        train_model = DDP(train_model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None)
+    train_model = build_train_model(model, args, runtime)
     seqs_per_rank, accum_steps = args.check_batch(runtime.world_size)
     log0(f"model_params:{sum(p.numel() for p in model.parameters())} block_schedule:{','.join(map(str, model.block_schedule()))}")
     log0(

@@ -17,6 +17,7 @@ from train_mdlm import (
     Hyperparameters,
     diffusion_loss,
     evaluate,
+    loss_positions,
     mask_tokens,
     sample_mask_rates,
     trapezoid_weights,
@@ -105,6 +106,23 @@ def test_mask_fraction_follows_rate():
     assert torch.all((fraction - t).abs() <= tolerance)
     assert torch.equal(x_t[masked], torch.full_like(x_t[masked], 1024))
     assert torch.equal(x_t[~masked], x0[~masked])
+
+
+def test_loss_positions_cover_every_masked_token():
+    torch.manual_seed(0)
+    t = sample_mask_rates(8, 0.05, "cpu")
+    _, masked = mask_tokens(torch.zeros(8, 64, dtype=torch.long), t, mask_id=1024)
+    positions = loss_positions(masked, 0.05).tolist()
+    # 4 antithetic pairs mask 4·1.05·64 = 268.8 tokens on average; the margin is 4·sqrt(512) = 90.5.
+    assert len(positions) == 360
+    assert len(set(positions)) == 360
+    assert set(masked.flatten().nonzero().flatten().tolist()) <= set(positions)
+
+
+def test_loss_positions_budget_of_odd_batch():
+    masked = torch.zeros(3, 1000, dtype=torch.bool)
+    # One pair masks 1.05·1000 tokens on average, the odd row at most 1000; the margin is 4·sqrt(3000) = 219.1.
+    assert len(loss_positions(masked, 0.05)) == 2270
 
 
 def test_diffusion_loss_weights_masked_tokens_by_inverse_rate():

@@ -38,6 +38,14 @@ def test_newton_schulz_keeps_singular_vectors():
     assert torch.allclose(middle, torch.diag(torch.diagonal(middle)), atol=1e-3)
 
 
+def test_newton_schulz_batch_matches_single_matrices():
+    torch.manual_seed(0)
+    stack = torch.randn(3, 16, 8)
+    batched = newton_schulz5(stack, steps=5)
+    for i in range(3):
+        assert torch.allclose(batched[i], newton_schulz5(stack[i], steps=5), atol=1e-6)
+
+
 def test_muon_step_matches_definition():
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(16, 8))
@@ -137,7 +145,8 @@ def muon_worker(rank: int, world_size: int, store_path: str, grads: list[torch.T
 
 def test_muon_split_across_ranks_matches_one_process(tmp_path):
     torch.manual_seed(0)
-    grads = [torch.randn(8, 4), torch.randn(6, 6), torch.randn(4, 10)]
+    # Three (8, 4) matrices split 2 + 1 over the ranks, padded on the second; a (6, 6) on rank 0 alone.
+    grads = [torch.randn(8, 4), torch.randn(6, 6), torch.randn(8, 4), torch.randn(4, 10), torch.randn(8, 4)]
     params = [torch.nn.Parameter(torch.ones(g.shape)) for g in grads]
     opt = Muon(params, lr=0.1, momentum=0.9, backend_steps=5, weight_decay=0.01)
     for p, g in zip(params, grads):
