@@ -1,7 +1,7 @@
 """Benchmark train_mdlm.py's training step and evaluation forward pass; print one key:value line per figure.
 
 The shape, the batch and the runtime come from the script's own environment variables (NUM_LAYERS,
-MODEL_DIM, TRAIN_SEQ_LEN, TRAIN_BATCH_TOKENS, MICRO_BATCH_TOKENS, VAL_BATCH_SIZE, TORCH_COMPILE, DEVICE
+MODEL_DIM, TRAIN_SEQ_LEN, TRAIN_BATCH_TOKENS, MICRO_BATCH_TOKENS, EVAL_BATCH_TOKENS, TORCH_COMPILE, DEVICE
 and the rest). The BENCH_* variables below set the timing. It runs one process, so TRAIN_BATCH_TOKENS is
 the batch of the one device: 65536 matches the reference run's per-GPU share of 524288 on 8 GPUs.
 Pytest does not collect this file (its name does not start with test_). From the repository root:
@@ -277,9 +277,9 @@ def bench_training(trainer, settings, args, runtime):
 
 @torch.no_grad()
 def bench_evaluation(model, settings, args, runtime) -> tuple[int, float]:
-    """Time forward passes of VAL_BATCH_SIZE tokens at mask rate 0.5, compiled when training is; returns (tokens, median ms)."""
+    """Time forward passes of EVAL_BATCH_TOKENS tokens at mask rate 0.5, compiled when training is; returns (tokens, median ms)."""
     scorer = torch.compile(model) if runtime.compile else model
-    seqs = max(args.val_batch_size // args.train_seq_len, 1)
+    seqs = max(args.eval_batch_tokens // args.train_seq_len, 1)
     x0 = torch.randint(0, args.vocab_size, (seqs, args.train_seq_len), device=runtime.device)
     x_t = torch.where(torch.rand(x0.shape, device=runtime.device) < 0.5, args.vocab_size, x0)
     model.eval()
