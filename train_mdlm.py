@@ -861,7 +861,10 @@ class Muon(torch.optim.Optimizer):
         updates = [torch.zeros_like(params[0])] * (per_rank - len(mine))  # padding, which Newton–Schulz keeps at 0
         if mine:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in mine]
-            buffers = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in mine]
+            for p in mine:  # not setdefault, which would allocate a throwaway zero tensor every step
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            buffers = [self.state[p]["momentum_buffer"] for p in mine]
             torch._foreach_mul_(buffers, group["momentum"])
             torch._foreach_add_(buffers, grads)
             updates = [*torch._foreach_add(grads, buffers, alpha=group["momentum"]), *updates]  # Nesterov
@@ -1060,6 +1063,7 @@ def max_across_ranks(value: float, runtime: Runtime) -> float:
     """Agree on one value (rank clocks differ slightly) so every rank applies the same LR and stops together."""
     if not runtime.distributed:
         return value
+    # NOTE: this is one host sync per step on multi-rank runs, the price of a shared LR and stop step.
     tensor = torch.tensor(value, dtype=torch.float64, device=runtime.device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return float(tensor.item())
