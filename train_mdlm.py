@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import glob
 import io
+import json
 import math
 import os
 import platform
@@ -148,6 +149,12 @@ class Hyperparameters:
         self.export_compressor = env_choice(env, "EXPORT_COMPRESSOR", "zlib", ("zlib", "zstd"))
         self.torch_compile = env_choice(env, "TORCH_COMPILE", "auto", ("auto", "0", "1"))
         self.device = env_choice(env, "DEVICE", "auto", ("auto", "cuda", "cpu"))
+        # After the final score: text samples from the roundtrip model.
+        self.sample_count = env_int(env, "SAMPLE_COUNT", 0, low=0)  # unconditional samples, as many again after SAMPLE_PROMPT
+        self.sample_len = env_int(env, "SAMPLE_LEN", self.train_seq_len, low=1, high=self.train_seq_len)  # prompt included; RoPE table size
+        self.sample_steps = env_int(env, "SAMPLE_STEPS", 256, low=1)  # sampler steps from t=1 to t=0
+        self.sample_prompt = env.get("SAMPLE_PROMPT", "")  # text kept fixed after a BOS token
+        self.sample_seed = env_int(env, "SAMPLE_SEED", 0, low=0)
         self.check_shape()
 
     @property
@@ -649,6 +656,47 @@ def evaluate(model: nn.Module, val_seqs: Tensor, total_bytes: int, args, rank: i
 
 
 # -----------------------------
+# SAMPLING
+# -----------------------------
+# MDLM ancestral sampling, α_t = 1 − t, S steps from all [MASK] (after a fixed prefix) at t = 1 to t = 0: a masked
+# position is revealed from t = k/S to s = (k−1)/S with probability (α_s − α_t)/(1 − α_t) = 1/k, drawn from SUBS p_θ(x₀ | x_t).
+
+
+@torch.no_grad()
+def ancestral_sample(model: nn.Module, prefix: list[int], count: int, length: int, steps: int, generator) -> tuple[Tensor, int]:
+    """Draw count sequences of length tokens starting with prefix; return them and the forward passes run."""
+    x = torch.tensor(prefix + [model.mask_id] * (length - len(prefix)), dtype=torch.long).repeat(count, 1)
+    passes = 0
+    for k in range(steps, 0, -1):
+        reveal = (x == model.mask_id) & (torch.rand(x.shape, generator=generator) < 1.0 / k)  # k = 1 reveals all
+        if reveal.any():  # a step that reveals nothing leaves x_t and p_θ(x₀ | x_t) as they are: no pass needed
+            probs = torch.softmax(model(x.to(next(model.parameters()).device)).float(), dim=-1).cpu()
+            x[reveal] = torch.multinomial(probs[reveal], 1, generator=generator).squeeze(1)
+            passes += 1
+    return x, passes
+
+
+def encode_sample_prompt(sp: spm.SentencePieceProcessor, args: Hyperparameters) -> list[int]:
+    """Encode SAMPLE_PROMPT after a BOS token, so the prompt reads as the start of a document; [] without a prompt."""
+    prefix = [sp.bos_id(), *sp.encode(args.sample_prompt)] if args.sample_prompt else []
+    if len(prefix) >= args.sample_len:
+        raise InputError(f"SAMPLE_PROMPT is {len(prefix)} tokens with BOS, which leaves none of SAMPLE_LEN={args.sample_len} to sample")
+    return prefix
+
+
+def log_samples(model: nn.Module, args: Hyperparameters, log0) -> None:
+    """Log SAMPLE_COUNT unconditional samples, then as many after SAMPLE_PROMPT, each on one line as JSON-escaped ASCII."""
+    if args.sample_count == 0:
+        return
+    sp, generator = load_tokenizer(args.tokenizer_path, args.vocab_size), torch.Generator().manual_seed(args.sample_seed)
+    prefixes = [[], encode_sample_prompt(sp, args)] if args.sample_prompt else [[]]
+    for batch, prefix in enumerate(prefixes):
+        tokens, passes = ancestral_sample(model, prefix, args.sample_count, args.sample_len, args.sample_steps, generator)
+        for i, row in enumerate(tokens.tolist()):
+            log0(f"sample:{batch * args.sample_count + i} prompt_tokens:{len(prefix)} tokens:{len(row)} forward_passes:{passes} text:{json.dumps(sp.decode(row))}")
+
+
+# -----------------------------
 # OPTIMIZER
 # -----------------------------
 # Muon (Keller Jordan, 2024; modded-nanogpt): momentum SGD whose update for each matrix is replaced by
@@ -1084,6 +1132,7 @@ def check_inputs(args: Hyperparameters, log0):
         except ImportError:
             raise InputError("EXPORT_COMPRESSOR=zstd needs the zstandard package: pip install zstandard") from None
     sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
+    encode_sample_prompt(sp, args)  # a SAMPLE_PROMPT too long for SAMPLE_LEN fails here, not after training
     start = time.perf_counter()
     train_files = find_shards(args.train_files, "training")
     val_files = find_shards(args.val_files, "validation")
@@ -1198,6 +1247,7 @@ def main() -> None:
     prefix = f"final_int8_{args.export_compressor}_roundtrip"
     log0(f"{prefix} val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} eval_time:{result.eval_ms:.0f}ms estimator:trap8 upper_bound:false")
     log0(f"{prefix}_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f}")
+    log_samples(fresh, args, log0)
     if runtime.distributed:
         dist.destroy_process_group()
 
