@@ -149,12 +149,17 @@ class Hyperparameters:
         self.export_compressor = env_choice(env, "EXPORT_COMPRESSOR", "zlib", ("zlib", "zstd"))
         self.torch_compile = env_choice(env, "TORCH_COMPILE", "auto", ("auto", "0", "1"))
         self.device = env_choice(env, "DEVICE", "auto", ("auto", "cuda", "cpu"))
-        # After the final score: text samples from the roundtrip model.
+        # After the final score: text samples from the roundtrip model, then the record folder (records/record_writer.py).
         self.sample_count = env_int(env, "SAMPLE_COUNT", 0, low=0)  # unconditional samples, as many again after SAMPLE_PROMPT
         self.sample_len = env_int(env, "SAMPLE_LEN", self.train_seq_len, low=1, high=self.train_seq_len)  # prompt included; RoPE table size
         self.sample_steps = env_int(env, "SAMPLE_STEPS", 256, low=1)  # sampler steps from t=1 to t=0
         self.sample_prompt = env.get("SAMPLE_PROMPT", "")  # text kept fixed after a BOS token
         self.sample_seed = env_int(env, "SAMPLE_SEED", 0, low=0)
+        self.record_dir = env.get("RECORD_DIR", "").strip()  # empty = no record; the RECORD_* texts fill submission.json
+        self.record_author = env.get("RECORD_AUTHOR", "").strip()
+        self.record_github_id = env.get("RECORD_GITHUB_ID", "").strip()
+        self.record_name = env.get("RECORD_NAME", "").strip() or Path(self.record_dir).name
+        self.record_blurb = env.get("RECORD_BLURB", "").strip()
         self.check_shape()
 
     @property
@@ -1156,6 +1161,17 @@ def check_inputs(args: Hyperparameters, log0):
     return train_files, val_seqs, total_bytes
 
 
+def import_record_writer(args: Hyperparameters, code: str):
+    """Import records/record_writer.py (tooling beside the script) and check RECORD_DIR before any training."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "records"))
+    try:
+        import record_writer
+        record_writer.check_record_dir(args.record_dir, code)
+    except (ImportError, ValueError, OSError) as error:
+        raise InputError(f"RECORD_DIR={args.record_dir} is unusable (it also needs records/record_writer.py beside the script): {error}") from None
+    return record_writer
+
+
 def build_model(args: Hyperparameters, runtime: Runtime) -> DiffusionTransformer:
     return DiffusionTransformer(args).to(runtime.device)
 
@@ -1201,6 +1217,7 @@ def read_artifact_everywhere(path: str, runtime: Runtime) -> dict[str, Tensor]:
 def main() -> None:
     code = Path(__file__).read_text(encoding="utf-8")
     args = Hyperparameters()
+    record_writer = import_record_writer(args, code) if args.record_dir else None
     args.check_batch(int(os.environ.get("WORLD_SIZE", "1")))  # before joining the process group
     runtime = init_runtime(args)
     log0 = make_logger(args, runtime)
@@ -1250,6 +1267,8 @@ def main() -> None:
     log_samples(fresh, args, log0)
     if runtime.distributed:
         dist.destroy_process_group()
+    if record_writer is not None and runtime.is_master:
+        log0(record_writer.write_record(args, runtime, code, steps))
 
 
 if __name__ == "__main__":
