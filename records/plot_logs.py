@@ -53,7 +53,7 @@ def plot_logs(paths: list[Path], output: Path) -> None:
     for i, path in enumerate(paths):
         run = parse_run(Path(path).read_text(encoding="utf-8"))
         draw_run(axes, run, run_label(run, Path(path)), colors[i % len(colors)])
-    axes[0][0].set_ylabel("train loss (NELBO, nats/token)")
+    axes[0][0].set_ylabel("train loss of the logged step (nats/token)")
     axes[1][0].set_ylabel("val_bpb (star: final roundtrip)")
     axes[1][0].set_xlabel("step")
     axes[1][1].set_xlabel("training time (s)")

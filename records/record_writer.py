@@ -14,13 +14,12 @@ hands over (seed, steps, hardware, command). Runs with other seeds into the same
 challenge's val_loss and val_bpb become the mean over seeds, and extras keep each seed's results
 with the sample standard deviation.
 
-NOTE: two runs that finish at the same moment into one folder can lose one seed's entry, because
-nothing locks submission.json; run the seeds of one folder one after another.
+NOTE: nothing locks submission.json. Two runs that finish at the same moment into one folder can
+lose one seed's entry, so run the seeds of one folder one after another.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import platform
@@ -146,8 +145,8 @@ def seed_entry(run: RunLog, seed: int, steps: int, hardware: str, command: str, 
 
 def merge_runs(runs: list[dict], entry: dict) -> list[dict]:
     """Add entry to runs, replacing an earlier run of the same seed, and sort them by seed."""
-    kept = [run for run in runs if run["seed"] != entry["seed"]]
-    return sorted(kept + [entry], key=lambda run: run["seed"])
+    other_seeds = [run for run in runs if run["seed"] != entry["seed"]]
+    return sorted(other_seeds + [entry], key=lambda run: run["seed"])
 
 
 def mean_and_std(values: list[float]) -> tuple[float, float | None]:
@@ -285,7 +284,13 @@ def build_readme(folder: Path, submission: dict, png_written: bool) -> str:
 
     samples = sample_sections(folder, runs)
     if samples:
-        lines += ["## Samples", "", "Drawn from the roundtrip model with the MDLM ancestral sampler (see `SAMPLE_*` in the command).", ""]
+        lines += [
+            "## Samples",
+            "",
+            "Drawn from the roundtrip model with the MDLM ancestral sampler (see `SAMPLE_*` in the commands). "
+            "Seeds that share `SAMPLE_SEED` share the sampler's random draws, so their samples can look alike.",
+            "",
+        ]
         lines += samples
 
     lines += ["## Commands", "", "Each seed's run, from the repository root:", ""]
@@ -295,8 +300,10 @@ def build_readme(folder: Path, submission: dict, png_written: bool) -> str:
 
 
 def render_curves(folder: Path, runs: list[dict]) -> bool:
-    """Draw loss_curves.png from every seed's log; False, drawing nothing, when matplotlib is missing."""
-    if importlib.util.find_spec("matplotlib") is None:
+    """Draw loss_curves.png from every seed's log; False, drawing nothing, when matplotlib cannot be imported."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
         return False
     import plot_logs
 

@@ -23,7 +23,7 @@ def test_parser_reads_curves_from_log(trained_run):
 
 
 def test_plot_script_renders_png(trained_run, tmp_path):
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", exc_type=ImportError)
     output = tmp_path / "curves.png"
     command = [sys.executable, str(REPO / "records" / "plot_logs.py"), str(trained_run.log_file), "--output", str(output)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)

@@ -17,7 +17,7 @@ import train_mdlm
 from conftest import REPO, SCRIPT, TOKENIZER, run_script, script_env
 
 sys.path.insert(0, str(REPO / "records"))
-from record_writer import mean_and_std, merge_runs  # noqa: E402
+from record_writer import build_readme, mean_and_std, merge_runs, render_curves  # noqa: E402
 from run_log import SEPARATOR, last_run_text  # noqa: E402
 
 RECORD = "records/track_non_record_16mb/2026-01-01_tiny"
@@ -162,10 +162,17 @@ def test_record_line_ends_log(record_runs):
 
 
 def test_loss_curves_png_written(record_runs):
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", exc_type=ImportError)
     folder = record_runs[0].folder
     assert (folder / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "](loss_curves.png)" in (folder / "README.md").read_text()
+
+
+def test_record_without_matplotlib_has_no_png(monkeypatch, record_runs, submission, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    assert render_curves(tmp_path, submission["extras"]["runs"]) is False
+    assert not (tmp_path / "loss_curves.png").exists()
+    assert "loss_curves.png" not in build_readme(record_runs[0].folder, submission, png_written=False)
 
 
 def test_mean_and_sample_std():
