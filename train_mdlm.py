@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import glob
 import io
+import json
 import math
 import os
 import platform
@@ -154,6 +155,19 @@ class Hyperparameters:
         self.export_compressor = env_choice(env, "EXPORT_COMPRESSOR", "zlib", ("zlib", "zstd"))
         self.torch_compile = env_choice(env, "TORCH_COMPILE", "auto", ("auto", "0", "1"))
         self.device = env_choice(env, "DEVICE", "auto", ("auto", "cuda", "cpu"))
+        # After the final score: text samples from the roundtrip model, then the record folder (records/record_writer.py).
+        self.sample_count = env_int(env, "SAMPLE_COUNT", 0, low=0)  # unconditional samples, as many again after SAMPLE_PROMPT
+        self.sample_len = env_int(env, "SAMPLE_LEN", self.train_seq_len, low=1, high=self.train_seq_len)  # prompt included; RoPE table size
+        self.sample_steps = env_int(env, "SAMPLE_STEPS", 256, low=1)  # sampler steps from t=1 to t=0
+        self.sample_prompt = env.get("SAMPLE_PROMPT", "")  # text kept fixed after a BOS token
+        self.sample_seed = env_int(env, "SAMPLE_SEED", 0, low=0)
+        self.record_dir = env.get("RECORD_DIR", "").strip()  # empty = no record; the RECORD_* texts fill submission.json
+        self.record_author = env.get("RECORD_AUTHOR", "").strip()
+        self.record_github_id = env.get("RECORD_GITHUB_ID", "").strip()
+        self.record_name = env.get("RECORD_NAME", "").strip() or Path(self.record_dir).name
+        self.record_blurb = env.get("RECORD_BLURB", "").strip()
+        if self.record_dir and self.eval_only:
+            raise InputError(f"RECORD_DIR={self.record_dir} records a training run: unset it or EVAL_ONLY")
         self.check_shape()
         self.parse_eval_methods()
 
@@ -189,10 +203,8 @@ class Hyperparameters:
         """Return (sequences per rank per step, gradient accumulation steps), or raise InputError."""
         seqs, rest = divmod(self.train_batch_tokens, self.train_seq_len * world_size)
         if rest or seqs == 0:
-            raise InputError(
-                f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a positive multiple of "
-                f"TRAIN_SEQ_LEN*WORLD_SIZE={self.train_seq_len}*{world_size}"
-            )
+            message = f"must be a positive multiple of TRAIN_SEQ_LEN*WORLD_SIZE={self.train_seq_len}*{world_size}"
+            raise InputError(f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} {message}")
         micro_seqs = max(self.micro_batch_tokens // self.train_seq_len, 1)
         accum_steps = max(seqs // micro_seqs, 1)
         if seqs % accum_steps:
@@ -272,10 +284,8 @@ def load_validation_tokens(files: list[str], seq_len: int) -> Tensor:
     tokens = np.concatenate([np.asarray(read_shard(path)) for path in files])
     num_seqs = len(tokens) // seq_len
     if num_seqs == 0:
-        raise InputError(
-            f"the validation split ({', '.join(files)}) has {len(tokens)} tokens, fewer than one sequence "
-            f"of TRAIN_SEQ_LEN={seq_len}"
-        )
+        split = f"the validation split ({', '.join(files)})"
+        raise InputError(f"{split} has {len(tokens)} tokens, fewer than one sequence of TRAIN_SEQ_LEN={seq_len}")
     return torch.from_numpy(tokens[: num_seqs * seq_len].astype(np.int64)).view(num_seqs, seq_len)
 
 
@@ -451,11 +461,7 @@ class SelfAttention(nn.Module):
         q = apply_rotary(F.rms_norm(q, (self.head_dim,)), cos, sin) * self.q_gain.to(q.dtype)[:, None]
         k = apply_rotary(F.rms_norm(k, (self.head_dim,)), cos, sin)
         y = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            is_causal=False,
-            enable_gqa=self.num_kv_heads != self.num_heads,
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=False, enable_gqa=self.num_kv_heads != self.num_heads
         )
         return self.proj(y.transpose(1, 2).reshape(batch, seq_len, dim))
 
@@ -809,6 +815,47 @@ def evaluate(model: nn.Module, method: EvalMethod, val_seqs: Tensor, total_bytes
 
 
 # -----------------------------
+# SAMPLING
+# -----------------------------
+# MDLM ancestral sampling, α_t = 1 − t, S steps from all [MASK] (after a fixed prefix) at t = 1 to t = 0: a masked
+# position is revealed from t = k/S to s = (k−1)/S with probability (α_s − α_t)/(1 − α_t) = 1/k, drawn from SUBS p_θ(x₀ | x_t).
+
+
+@torch.no_grad()
+def ancestral_sample(model: nn.Module, prefix: list[int], count: int, length: int, steps: int, generator) -> tuple[Tensor, int]:
+    """Draw count sequences of length tokens starting with prefix; return them and the forward passes run."""
+    x = torch.tensor(prefix + [model.mask_id] * (length - len(prefix)), dtype=torch.long).repeat(count, 1)
+    passes = 0
+    for k in range(steps, 0, -1):
+        reveal = (x == model.mask_id) & (torch.rand(x.shape, generator=generator) < 1.0 / k)  # k = 1 reveals all
+        if reveal.any():  # a step that reveals nothing leaves x_t and p_θ(x₀ | x_t) as they are: no pass needed
+            probs = torch.softmax(model(x.to(next(model.parameters()).device)).float(), dim=-1).cpu()
+            x[reveal] = torch.multinomial(probs[reveal], 1, generator=generator).squeeze(1)
+            passes += 1
+    return x, passes
+
+
+def encode_sample_prompt(sp: spm.SentencePieceProcessor, args: Hyperparameters) -> list[int]:
+    """Encode SAMPLE_PROMPT after a BOS token, so the prompt reads as the start of a document; [] without a prompt."""
+    prefix = [sp.bos_id(), *sp.encode(args.sample_prompt)] if args.sample_prompt else []
+    if len(prefix) >= args.sample_len:
+        raise InputError(f"SAMPLE_PROMPT is {len(prefix)} tokens with BOS, which leaves none of SAMPLE_LEN={args.sample_len} to sample")
+    return prefix
+
+
+def log_samples(model: nn.Module, args: Hyperparameters, log0) -> None:
+    """Log SAMPLE_COUNT unconditional samples, then as many after SAMPLE_PROMPT, each on one line as JSON-escaped ASCII."""
+    if args.sample_count == 0:
+        return
+    sp, generator = load_tokenizer(args.tokenizer_path, args.vocab_size), torch.Generator().manual_seed(args.sample_seed)
+    prefixes = [[], encode_sample_prompt(sp, args)] if args.sample_prompt else [[]]
+    for batch, prefix in enumerate(prefixes):
+        tokens, passes = ancestral_sample(model, prefix, args.sample_count, args.sample_len, args.sample_steps, generator)
+        for i, row in enumerate(tokens.tolist()):
+            log0(f"sample:{batch * args.sample_count + i} prompt_tokens:{len(prefix)} tokens:{len(row)} forward_passes:{passes} text:{json.dumps(sp.decode(row))}")
+
+
+# -----------------------------
 # OPTIMIZER
 # -----------------------------
 # Muon (Keller Jordan, 2024; modded-nanogpt): momentum SGD whose update for each matrix is replaced by
@@ -1024,9 +1071,7 @@ class Runtime:
         return self.world_size > 1
 
     def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -1247,6 +1292,7 @@ def log_environment(code: str, runtime: Runtime, log0) -> None:
 def check_validation_inputs(args: Hyperparameters, log0) -> tuple[Tensor, int]:
     """Validate the tokenizer and the validation shards; return the split's sequences and UTF-8 byte count."""
     sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
+    encode_sample_prompt(sp, args)  # a SAMPLE_PROMPT too long for SAMPLE_LEN fails here, not after training
     start = time.perf_counter()
     val_files = find_shards(args.val_files, "validation")
     check_shards(val_files, args.vocab_size)
@@ -1277,11 +1323,20 @@ def check_training_inputs(args: Hyperparameters, log0) -> list[str]:
     train_tokens = check_shards(train_files, args.vocab_size)
     if train_tokens == 0:
         raise InputError(f"the training shards matching {args.train_files} hold no tokens")
-    log0(
-        f"train_shards:{len(train_files)} train_tokens:{train_tokens} data_path:{args.data_path} "
-        f"check_time:{1000.0 * (time.perf_counter() - start):.0f}ms"
-    )
+    check_ms = 1000.0 * (time.perf_counter() - start)
+    log0(f"train_shards:{len(train_files)} train_tokens:{train_tokens} data_path:{args.data_path} check_time:{check_ms:.0f}ms")
     return train_files
+
+
+def import_record_writer(args: Hyperparameters, code: str):
+    """Import records/record_writer.py (tooling beside the script) and check RECORD_DIR before any training."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "records"))
+    try:
+        import record_writer
+        record_writer.check_record_dir(args.record_dir, code)
+    except (ImportError, ValueError, OSError) as error:
+        raise InputError(f"RECORD_DIR={args.record_dir} is unusable (it also needs records/record_writer.py beside the script): {error}") from None
+    return record_writer
 
 
 def build_model(args: Hyperparameters, runtime: Runtime) -> DiffusionTransformer:
@@ -1371,8 +1426,8 @@ def log_final_results(results: list[EvalResult], compressor: str, log0) -> None:
         )
 
 
-def train_and_export(args: Hyperparameters, runtime: Runtime, code: str, evaluate_first, log0) -> str:
-    """Train, swap in the EMA, write the artifact; return its path."""
+def train_and_export(args: Hyperparameters, runtime: Runtime, code: str, evaluate_first, log0) -> tuple[str, int]:
+    """Train, swap in the EMA, write the artifact; return its path and the steps taken."""
     train_files = check_training_inputs(args, log0)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = build_model(args, runtime)
@@ -1399,13 +1454,14 @@ def train_and_export(args: Hyperparameters, runtime: Runtime, code: str, evaluat
         log0(f"ema:swapped_in decay:{args.ema_decay} steps_averaged:{trainer.ema.updates}")
     else:
         log0(f"ema:not_used reason:lr_scale_never_reached_{args.ema_start_lr_scale} steps:{steps}")
-    return write_artifact(model, code, args, runtime, log0)
+    return write_artifact(model, code, args, runtime, log0), steps
 
 
 def main() -> None:
     code = Path(__file__).read_text(encoding="utf-8")
     args = Hyperparameters()
     methods = args.parse_eval_methods()
+    record_writer = import_record_writer(args, code) if args.record_dir else None
     if not args.eval_only:
         args.check_batch(int(os.environ.get("WORLD_SIZE", "1")))  # before joining the process group
     runtime = init_runtime(args)
@@ -1422,13 +1478,16 @@ def main() -> None:
 
     if args.eval_only:
         log0(f"eval_only:{args.eval_only}")
-        path = args.eval_only
+        path, steps = args.eval_only, 0
     else:
-        path = train_and_export(args, runtime, code, lambda m: evaluate_all(m, first_only=True)[0], log0)
+        path, steps = train_and_export(args, runtime, code, lambda m: evaluate_all(m, first_only=True)[0], log0)
     model, compressor = load_artifact_model(path, args, runtime)
     log_final_results(evaluate_all(model), compressor, log0)
+    log_samples(model, args, log0)
     if runtime.distributed:
         dist.destroy_process_group()
+    if record_writer is not None and runtime.is_master:
+        log0(record_writer.write_record(args, runtime, code, steps))
 
 
 if __name__ == "__main__":
