@@ -400,7 +400,7 @@ def dequantize_per_row(q: Tensor, scale: Tensor) -> Tensor:
 
 
 def fake_quantize_per_row(w: Tensor) -> Tensor:
-    """QAT: the forward pass sees w on the export's int8 grid (row-max clip); the gradient passes straight through."""
+    """Round w to the export's int8 grid (row-max clip) in the forward pass, passing the gradient straight through (QAT)."""
     detached = w.detach()
     q, scale = quantize_per_row(detached, detached.abs().amax(dim=1))
     return w + (dequantize_per_row(q, scale).to(w.dtype) - detached)
@@ -498,7 +498,7 @@ class Block(nn.Module):
 class DiffusionTransformer(nn.Module):
     """Denoiser x_θ(x_t): logits over the real vocabulary at every position, with no time input.
 
-    The number of [MASK] tokens in x_t tells the network the noise level, so the model needs no t.
+    The number of [MASK] tokens in x_t carries the noise level, so the model needs no t.
     Block order: encoder half, the loop blocks LOOP_EXTRA more times, decoder half with U-Net skips.
     """
 
@@ -634,8 +634,8 @@ class DiffusionObjective(nn.Module):
 #           expectation: Σ_{m=1..L} (1/m)·E_{|M|=m}[Σ_{i∈M} −log p_θ(x_i | x_{−M})], where the 1/m is
 #           ∫₀¹ (1/t)·P(|M| = m | t) dt for α_t = 1 − t. m is drawn stratified over 1..L and exactly m
 #           positions are masked, so every weight is bounded (no 1/t blow-up as t → 0).
-#   chainK  the exact code length of a left-to-right factorization in blocks of K tokens: each block is
-#           predicted from one pass over the revealed prefix with everything after it masked; its
+#   chainK  the exact code length of a left-to-right factorization in blocks of K tokens. Each block is
+#           predicted from one pass over the revealed prefix with everything after it masked. Its
 #           distribution is a product of normalized per-token distributions, so the sum is a true
 #           log-likelihood. K = 1 is the exact left-to-right likelihood.
 #   trap8   the reference run's estimator: the NELBO integrand at eight mask rates with trapezoid
@@ -695,7 +695,7 @@ def trap8_rows(x0: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
 
 
 def chain_rows(x0: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Build one sequence's chain rows: row b hides blocks >= b and scores block b, so it sees blocks < b only."""
+    """Build one sequence's chain rows: row b hides blocks >= b and scores block b, conditioning it on blocks < b only."""
     positions = torch.arange(x0.numel())
     starts = torch.arange(0, x0.numel(), block)
     hidden = positions[None, :] >= starts[:, None]
@@ -1054,7 +1054,7 @@ def load_artifact(blob: bytes) -> dict[str, Tensor]:
 
 @dataclass
 class Runtime:
-    """Where and how this process runs."""
+    """The process's rank, device and compile setting."""
 
     rank: int
     world_size: int

@@ -160,7 +160,7 @@ class UniformDenoiser(torch.nn.Module):
         return torch.zeros(*x_t.shape, self.vocab_size) + self.anchor
 
 
-def test_trap8_of_uniform_model_is_point_nine_log_vocab():
+def test_trap8_of_uniform_model():
     args = make_args(TRAIN_SEQ_LEN="256", EVAL_BATCH_TOKENS="8192")
     val = torch.randint(0, 1024, (64, 256))
     (trap8,) = parse_eval_methods("trap8", 256, 2)
