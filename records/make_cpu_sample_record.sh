@@ -13,7 +13,7 @@ for seed in 1337 42; do
   DATA_PATH=./data/datasets/fineweb_sample_sp1024 TOKENIZER_PATH=./data/tokenizers/fineweb_1024_bpe.model \
   ITERATIONS=500 MAX_WALLCLOCK_SECONDS=0 VAL_LOSS_EVERY=100 TRAIN_LOG_EVERY=50 \
   NUM_LAYERS=4 MODEL_DIM=128 NUM_HEADS=4 NUM_KV_HEADS=2 UNET_SKIPS=2 LOOP_START=1 LOOP_END=2 \
-  TRAIN_SEQ_LEN=128 TRAIN_BATCH_TOKENS=4096 VAL_BATCH_SIZE=16384 \
+  TRAIN_SEQ_LEN=128 TRAIN_BATCH_TOKENS=4096 EVAL_BATCH_TOKENS=16384 EVAL_METHOD=elbo,trap8 EVAL_PASSES=8 \
   SAMPLE_COUNT=3 SAMPLE_PROMPT="The city council" \
   RECORD_DIR="$folder" RECORD_NAME="MDLM CPU sample run" \
   RECORD_BLURB="Not a challenge result: a 4-block width-128 MDLM trained for 500 steps on the bundled FineWeb sample on a CPU, to show what a record folder contains." \
