@@ -12,12 +12,14 @@ scored on the whole validation split. Every setting is an environment variable (
 from __future__ import annotations
 
 import copy
+import gc
 import glob
 import io
 import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -58,9 +60,9 @@ def env_value(env, name: str, default, parse, kind: str, low=None, high=None):
     if isinstance(value, float) and not math.isfinite(value):
         raise InputError(f"{name}={raw!r} is not a finite number")
     if low is not None and value < low:
-        raise InputError(f"{name}={value} is out of range: it must be at least {low}")
+        raise InputError(f"{name}={raw.strip()} is out of range: it must be at least {low}")
     if high is not None and value > high:
-        raise InputError(f"{name}={value} is out of range: it must be at most {high}")
+        raise InputError(f"{name}={raw.strip()} is out of range: it must be at most {high}")
     return value
 
 
@@ -186,17 +188,13 @@ class Hyperparameters:
         if self.unet_skips > max_skips:
             raise InputError(f"UNET_SKIPS={self.unet_skips} is out of range: NUM_LAYERS={self.num_layers} allows at most {max_skips}")
         if not self.loop_start <= self.loop_end <= self.num_encoder_layers:
-            raise InputError(
-                f"LOOP_START={self.loop_start} and LOOP_END={self.loop_end} must satisfy "
-                f"0 <= LOOP_START <= LOOP_END <= {self.num_encoder_layers} (the encoder half of NUM_LAYERS)"
-            )
+            bound = f"0 <= LOOP_START <= LOOP_END <= {self.num_encoder_layers} (the encoder half of NUM_LAYERS)"
+            raise InputError(f"LOOP_START={self.loop_start} and LOOP_END={self.loop_end} must satisfy {bound}")
 
     def parse_eval_methods(self) -> list[EvalMethod]:
         if self.eval_passes % 2 or self.eval_passes // 2 > self.train_seq_len:
-            raise InputError(
-                f"EVAL_PASSES={self.eval_passes} must be even and at most 2*TRAIN_SEQ_LEN={2 * self.train_seq_len}: "
-                "elbo splits its passes into two independent halves of strata over 1..TRAIN_SEQ_LEN"
-            )
+            reason = "elbo splits its passes into two independent halves of strata over 1..TRAIN_SEQ_LEN"
+            raise InputError(f"EVAL_PASSES={self.eval_passes} must be even and at most 2*TRAIN_SEQ_LEN={2 * self.train_seq_len}: {reason}")
         return parse_eval_methods(self.eval_methods, self.train_seq_len, self.eval_passes)
 
     def check_batch(self, world_size: int) -> tuple[int, int]:
@@ -242,10 +240,8 @@ def read_shard(path: str) -> np.ndarray:
     count = int(header[2])
     expected = SHARD_HEADER_BYTES + 2 * count
     if count < 0 or size != expected:
-        raise InputError(
-            f"shard {path} is {size} bytes but its header promises {count} tokens ({expected} bytes): "
-            "the file is truncated or corrupt, download it again"
-        )
+        fix = "the file is truncated or corrupt, download it again"
+        raise InputError(f"shard {path} is {size} bytes but its header promises {count} tokens ({expected} bytes): {fix}")
     if count == 0:
         return np.zeros(0, dtype=np.uint16)
     return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(count,))
@@ -256,10 +252,8 @@ def check_token_range(tokens: np.ndarray, vocab_size: int, path: str) -> None:
     for start in range(0, len(tokens), chunk):
         top = int(tokens[start : start + chunk].max())
         if top >= vocab_size:
-            raise InputError(
-                f"shard {path} contains token id {top}, outside VOCAB_SIZE={vocab_size}: "
-                "set VOCAB_SIZE and TOKENIZER_PATH to the tokenizer the shards were made with"
-            )
+            fix = "set VOCAB_SIZE and TOKENIZER_PATH to the tokenizer the shards were made with"
+            raise InputError(f"shard {path} contains token id {top}, outside VOCAB_SIZE={vocab_size}: {fix}")
 
 
 def find_shards(pattern: str, split: str) -> list[str]:
@@ -517,6 +511,9 @@ class DiffusionTransformer(nn.Module):
         )
         self.skip_weights = nn.Parameter(torch.ones(args.unet_skips, dim))
         self.rotary = Rotary(dim // args.num_heads, args.train_seq_len, args.rope_base)
+        # Settings that change the function but no tensor shape; the artifact keeps them for rescoring.
+        names = ("TRAIN_SEQ_LEN", "LOOP_START", "LOOP_END", "LOOP_EXTRA", "ROPE_BASE", "LOGIT_SOFTCAP")
+        self.settings = {name: getattr(args, name.lower()) for name in names}
         self.qat = False
         self.init_weights(args.tied_embed_init_std)
 
@@ -964,8 +961,7 @@ class EMA:
 
     @torch.no_grad()
     def copy_to_model(self) -> None:
-        for p, s in zip(self.params, self.shadow):
-            p.copy_(s)
+        torch._foreach_copy_(self.params, self.shadow)
 
 
 # -----------------------------
@@ -1034,17 +1030,18 @@ def decompress(blob: bytes) -> bytes:
     return zlib.decompress(blob)
 
 
-def export_artifact(model: nn.Module, compressor: str) -> bytes:
+def export_artifact(model: DiffusionTransformer, compressor: str) -> bytes:
     buffer = io.BytesIO()
-    torch.save(quantize_state_dict(model.state_dict()), buffer)
+    torch.save({**quantize_state_dict(model.state_dict()), "settings": model.settings}, buffer)
     return compress(buffer.getvalue(), compressor)
 
 
-def load_artifact(blob: bytes) -> dict[str, Tensor]:
+def load_artifact(blob: bytes) -> tuple[dict[str, Tensor], dict]:
+    """Return the dequantized state dict and the settings the model was trained with."""
     artifact = torch.load(io.BytesIO(decompress(blob)), map_location="cpu", weights_only=True)
     if artifact.get("format") != ARTIFACT_FORMAT:
         raise InputError(f"artifact format {artifact.get('format')!r} is not {ARTIFACT_FORMAT}")
-    return dequantize_state_dict(artifact)
+    return dequantize_state_dict(artifact), artifact["settings"]
 
 
 # -----------------------------
@@ -1282,11 +1279,8 @@ def log_environment(code: str, runtime: Runtime, log0) -> None:
     log0(code, console=False)
     log0("=" * 100, console=False)
     log0(f"python:{platform.python_version()} torch:{torch.__version__} device:{runtime.device.type} world_size:{runtime.world_size} compile:{int(runtime.compile)}")
-    if runtime.device.type == "cuda":
-        try:
-            log0(subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False).stdout, console=False)
-        except OSError as error:
-            log0(f"nvidia-smi:unavailable error:{error}", console=False)
+    if runtime.device.type == "cuda" and shutil.which("nvidia-smi"):
+        log0(subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False).stdout, console=False)
 
 
 def check_validation_inputs(args: Hyperparameters, log0) -> tuple[Tensor, int]:
@@ -1396,7 +1390,10 @@ def load_artifact_model(path: str, args: Hyperparameters, runtime: Runtime) -> t
         raise InputError(f"artifact not found: {path}")
     model = build_model(args, runtime)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    state = load_artifact(payload[0])
+    state, settings = load_artifact(payload[0])
+    for name, value in settings.items():
+        if model.settings[name] != value:
+            raise InputError(f"artifact {path} was trained with {name}={value} but {name}={model.settings[name]} is set: set it as in that run")
     found = {name: tuple(t.shape) for name, t in state.items()}
     if found != expected:
         name = sorted(set(found) ^ set(expected) or {n for n in found if found[n] != expected[n]})[0]
@@ -1485,6 +1482,7 @@ def main() -> None:
     log_final_results(evaluate_all(model), compressor, log0)
     log_samples(model, args, log0)
     if runtime.distributed:
+        gc.collect()  # free the DDP wrapper's cycles so gloo's threads stop before exit, which they can abort
         dist.destroy_process_group()
     if record_writer is not None and runtime.is_master:
         log0(record_writer.write_record(args, runtime, code, steps))

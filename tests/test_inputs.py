@@ -40,7 +40,7 @@ def test_cli_prints_one_error_line_and_exits_2(tmp_path, data):
         (dict(ITERATIONS="abc"), "ITERATIONS='abc' is not an integer"),
         (dict(MATRIX_LR="fast"), "MATRIX_LR='fast' is not a number"),
         (dict(MAX_WALLCLOCK_SECONDS="nan"), "MAX_WALLCLOCK_SECONDS='nan' is not a finite number"),
-        (dict(NOISE_EPS="2"), "NOISE_EPS=2.0 is out of range: it must be at most 0.5"),
+        (dict(NOISE_EPS="2"), "NOISE_EPS=2 is out of range: it must be at most 0.5"),
         (dict(TRAIN_SEQ_LEN="0"), "TRAIN_SEQ_LEN=0 is out of range: it must be at least 2"),
         (dict(EXPORT_COMPRESSOR="lzma"), "EXPORT_COMPRESSOR='lzma' is invalid: choose one of zlib, zstd"),
         (dict(NUM_HEADS="3"), "MODEL_DIM=64 must be divisible by NUM_HEADS=3"),

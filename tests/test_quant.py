@@ -69,7 +69,9 @@ def test_artifact_roundtrip_gives_dequantized_logits():
             p.add_(0.02 * torch.randn_like(p))
     blob = export_artifact(model, "zlib")
     fresh = DiffusionTransformer(args)
-    fresh.load_state_dict(load_artifact(blob))
+    state, settings = load_artifact(blob)
+    fresh.load_state_dict(state)
+    assert settings == model.settings
     expected = DiffusionTransformer(args)
     expected.load_state_dict(model.state_dict())
     with torch.no_grad():
@@ -93,6 +95,8 @@ def test_artifact_contents():
     for name in ("skip_weights", "blocks.0.resid_mix", "blocks.0.attn.q_gain", "blocks.0.attn_scale"):
         assert artifact["float"][name].dtype == torch.float32
     assert set(artifact["int8"]) | set(artifact["float"]) == set(model.state_dict())
+    expected = {"TRAIN_SEQ_LEN": 64, "LOOP_START": 1, "LOOP_END": 2, "LOOP_EXTRA": 1, "ROPE_BASE": 10000.0, "LOGIT_SOFTCAP": 30.0}
+    assert artifact["settings"] == expected
 
 
 def test_zstd_artifact_roundtrip():
@@ -102,5 +106,5 @@ def test_zstd_artifact_roundtrip():
     assert blob.startswith(b"\x28\xb5\x2f\xfd")
     raw = zstandard.ZstdDecompressor().decompress(blob)
     assert raw == zlib.decompress(export_artifact(model, "zlib"))
-    state = load_artifact(blob)
+    state, _ = load_artifact(blob)
     assert set(state) == set(model.state_dict())

@@ -121,7 +121,7 @@ def test_artifact_rescored_in_process_reproduces_final_lines(trained_run):
     val = load_validation_tokens(find_shards(args.val_files, "validation"), args.train_seq_len)
     total_bytes = int(count_token_bytes(val.flatten().numpy(), build_byte_tables(sp)).sum())
     model = DiffusionTransformer(args)
-    model.load_state_dict(load_artifact(trained_run.artifact.read_bytes()))
+    model.load_state_dict(load_artifact(trained_run.artifact.read_bytes())[0])
     logged = method_lines(trained_run.stdout)
     for method in args.parse_eval_methods():
         result = evaluate(model, method, val, total_bytes, args, 0, 1, nullcontext)
@@ -146,6 +146,21 @@ def test_eval_only_rejects_other_shape(tmp_path, trained_run):
     message = result.stderr.strip()
     assert message.startswith(f"error: artifact {trained_run.artifact} does not fit the model settings: tensor ")
     assert "tensor blocks.0.attn.c_k.weight has shape (32, 64) in the artifact but (16, 32) in the model" in message
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("LOOP_END", "1", "was trained with LOOP_END=2 but LOOP_END=1 is set"),
+        ("TRAIN_SEQ_LEN", "32", "was trained with TRAIN_SEQ_LEN=64 but TRAIN_SEQ_LEN=32 is set"),
+        ("LOGIT_SOFTCAP", "15", "was trained with LOGIT_SOFTCAP=30.0 but LOGIT_SOFTCAP=15.0 is set"),
+    ],
+)
+def test_eval_only_rejects_other_settings(tmp_path, trained_run, name, value, message):
+    """Settings that change no tensor shape would change the score silently, so the artifact records them."""
+    result = run_script(dict(trained_run.env, EVAL_ONLY=str(trained_run.artifact), **{name: value}), tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr
 
 
 def test_eval_only_missing_artifact(tmp_path, trained_run):
