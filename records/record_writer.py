@@ -231,7 +231,7 @@ def eval_methods_table(runs: list[dict]) -> list[str]:
         return []
     lines = ["| seed | method | val_loss | val_bpb | stderr |", "| ---: | --- | ---: | ---: | ---: |"]
     for seed, method in rows:
-        lines.append(f"| {seed} | {method.get('eval_method')} | {method.get('val_loss')} | {method.get('val_bpb')} | {method.get('stderr')} |")
+        lines.append(f"| {seed} | {method.get('eval_method')} | {method.get('val_loss')} | {method.get('val_bpb')} | {method.get('stderr', '')} |")
     return lines
 
 

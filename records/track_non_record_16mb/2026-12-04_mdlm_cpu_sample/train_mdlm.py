@@ -12,12 +12,14 @@ scored on the whole validation split. Every setting is an environment variable (
 from __future__ import annotations
 
 import copy
+import gc
 import glob
 import io
 import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -39,7 +41,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # HYPERPARAMETERS
 # -----------------------------
 # Defaults reproduce the reference 8xH100 run: 9 blocks at width 512 (12 block applications with the
-# loop), 524,288 tokens per step at length 1024, 600 s of training, trap8 evaluation.
+# loop), 524,288 tokens per step at length 1024, 600 s of training. The final score is the elbo
+# estimator (an upper bound in expectation) rather than the reference run's trap8.
 
 
 class InputError(Exception):
@@ -57,9 +60,9 @@ def env_value(env, name: str, default, parse, kind: str, low=None, high=None):
     if isinstance(value, float) and not math.isfinite(value):
         raise InputError(f"{name}={raw!r} is not a finite number")
     if low is not None and value < low:
-        raise InputError(f"{name}={value} is out of range: it must be at least {low}")
+        raise InputError(f"{name}={raw.strip()} is out of range: it must be at least {low}")
     if high is not None and value > high:
-        raise InputError(f"{name}={value} is out of range: it must be at most {high}")
+        raise InputError(f"{name}={raw.strip()} is out of range: it must be at most {high}")
     return value
 
 
@@ -103,7 +106,6 @@ class Hyperparameters:
         self.micro_batch_tokens = env_int(env, "MICRO_BATCH_TOKENS", 65_536, low=2)
         self.val_loss_every = env_int(env, "VAL_LOSS_EVERY", 1000, low=0)  # 0 = only the final score
         self.train_log_every = env_int(env, "TRAIN_LOG_EVERY", 200, low=0)
-        self.val_batch_size = env_int(env, "VAL_BATCH_SIZE", 524_288, low=1)  # global tokens per eval pass
 
         # Model shape.
         self.vocab_size = env_int(env, "VOCAB_SIZE", 1024, low=2, high=65535)  # [MASK] gets id VOCAB_SIZE
@@ -124,7 +126,13 @@ class Hyperparameters:
 
         # Diffusion: per-sequence mask rate t drawn from [NOISE_EPS, 1] in antithetic pairs.
         self.noise_eps = env_float(env, "NOISE_EPS", 0.05, low=1e-4, high=0.5)
-        self.eval_seed = env_int(env, "EVAL_SEED", 0, low=0)  # masks of the evaluation estimator
+
+        # Evaluation: methods over the whole validation split; the first sets the final val_bpb.
+        self.eval_methods = env.get("EVAL_METHOD", "").strip() or "elbo"  # comma list: elbo, chainK, trap8
+        self.eval_passes = env_int(env, "EVAL_PASSES", 32, low=2)  # elbo forward passes per sequence
+        self.eval_batch_tokens = env_int(env, "EVAL_BATCH_TOKENS", 65_536, low=1)  # per rank per forward pass
+        self.eval_seed = env_int(env, "EVAL_SEED", 0, low=0)  # masks of the random estimators
+        self.eval_only = env.get("EVAL_ONLY", "").strip()  # artifact to score instead of training
 
         # Optimizer: Muon for block matrices, Adam for the embedding and for scalars and control tensors.
         self.matrix_lr = env_float(env, "MATRIX_LR", 0.04, low=0.0)
@@ -160,7 +168,10 @@ class Hyperparameters:
         self.record_github_id = env.get("RECORD_GITHUB_ID", "").strip()
         self.record_name = env.get("RECORD_NAME", "").strip() or Path(self.record_dir).name
         self.record_blurb = env.get("RECORD_BLURB", "").strip()
+        if self.record_dir and self.eval_only:
+            raise InputError(f"RECORD_DIR={self.record_dir} records a training run: unset it or EVAL_ONLY")
         self.check_shape()
+        self.parse_eval_methods()
 
     @property
     def num_encoder_layers(self) -> int:
@@ -177,19 +188,21 @@ class Hyperparameters:
         if self.unet_skips > max_skips:
             raise InputError(f"UNET_SKIPS={self.unet_skips} is out of range: NUM_LAYERS={self.num_layers} allows at most {max_skips}")
         if not self.loop_start <= self.loop_end <= self.num_encoder_layers:
-            raise InputError(
-                f"LOOP_START={self.loop_start} and LOOP_END={self.loop_end} must satisfy "
-                f"0 <= LOOP_START <= LOOP_END <= {self.num_encoder_layers} (the encoder half of NUM_LAYERS)"
-            )
+            bound = f"0 <= LOOP_START <= LOOP_END <= {self.num_encoder_layers} (the encoder half of NUM_LAYERS)"
+            raise InputError(f"LOOP_START={self.loop_start} and LOOP_END={self.loop_end} must satisfy {bound}")
+
+    def parse_eval_methods(self) -> list[EvalMethod]:
+        if self.eval_passes % 2 or self.eval_passes // 2 > self.train_seq_len:
+            reason = "elbo splits its passes into two independent halves of strata over 1..TRAIN_SEQ_LEN"
+            raise InputError(f"EVAL_PASSES={self.eval_passes} must be even and at most 2*TRAIN_SEQ_LEN={2 * self.train_seq_len}: {reason}")
+        return parse_eval_methods(self.eval_methods, self.train_seq_len, self.eval_passes)
 
     def check_batch(self, world_size: int) -> tuple[int, int]:
         """Return (sequences per rank per step, gradient accumulation steps), or raise InputError."""
         seqs, rest = divmod(self.train_batch_tokens, self.train_seq_len * world_size)
         if rest or seqs == 0:
-            raise InputError(
-                f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a positive multiple of "
-                f"TRAIN_SEQ_LEN*WORLD_SIZE={self.train_seq_len}*{world_size}"
-            )
+            message = f"must be a positive multiple of TRAIN_SEQ_LEN*WORLD_SIZE={self.train_seq_len}*{world_size}"
+            raise InputError(f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} {message}")
         micro_seqs = max(self.micro_batch_tokens // self.train_seq_len, 1)
         accum_steps = max(seqs // micro_seqs, 1)
         if seqs % accum_steps:
@@ -227,10 +240,8 @@ def read_shard(path: str) -> np.ndarray:
     count = int(header[2])
     expected = SHARD_HEADER_BYTES + 2 * count
     if count < 0 or size != expected:
-        raise InputError(
-            f"shard {path} is {size} bytes but its header promises {count} tokens ({expected} bytes): "
-            "the file is truncated or corrupt, download it again"
-        )
+        fix = "the file is truncated or corrupt, download it again"
+        raise InputError(f"shard {path} is {size} bytes but its header promises {count} tokens ({expected} bytes): {fix}")
     if count == 0:
         return np.zeros(0, dtype=np.uint16)
     return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(count,))
@@ -241,10 +252,8 @@ def check_token_range(tokens: np.ndarray, vocab_size: int, path: str) -> None:
     for start in range(0, len(tokens), chunk):
         top = int(tokens[start : start + chunk].max())
         if top >= vocab_size:
-            raise InputError(
-                f"shard {path} contains token id {top}, outside VOCAB_SIZE={vocab_size}: "
-                "set VOCAB_SIZE and TOKENIZER_PATH to the tokenizer the shards were made with"
-            )
+            fix = "set VOCAB_SIZE and TOKENIZER_PATH to the tokenizer the shards were made with"
+            raise InputError(f"shard {path} contains token id {top}, outside VOCAB_SIZE={vocab_size}: {fix}")
 
 
 def find_shards(pattern: str, split: str) -> list[str]:
@@ -269,10 +278,8 @@ def load_validation_tokens(files: list[str], seq_len: int) -> Tensor:
     tokens = np.concatenate([np.asarray(read_shard(path)) for path in files])
     num_seqs = len(tokens) // seq_len
     if num_seqs == 0:
-        raise InputError(
-            f"the validation split ({', '.join(files)}) has {len(tokens)} tokens, fewer than one sequence "
-            f"of TRAIN_SEQ_LEN={seq_len}"
-        )
+        split = f"the validation split ({', '.join(files)})"
+        raise InputError(f"{split} has {len(tokens)} tokens, fewer than one sequence of TRAIN_SEQ_LEN={seq_len}")
     return torch.from_numpy(tokens[: num_seqs * seq_len].astype(np.int64)).view(num_seqs, seq_len)
 
 
@@ -345,7 +352,7 @@ class TokenStream:
             parts.append(part)
             self.pos += len(part)
             count -= len(part)
-        return np.concatenate(parts)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)  # one part: a view, no copy
 
 
 class TrainLoader:
@@ -387,7 +394,7 @@ def dequantize_per_row(q: Tensor, scale: Tensor) -> Tensor:
 
 
 def fake_quantize_per_row(w: Tensor) -> Tensor:
-    """QAT: the forward pass sees w on the export's int8 grid (row-max clip); the gradient passes straight through."""
+    """Round w to the export's int8 grid (row-max clip) in the forward pass, passing the gradient straight through (QAT)."""
     detached = w.detach()
     q, scale = quantize_per_row(detached, detached.abs().amax(dim=1))
     return w + (dequantize_per_row(q, scale).to(w.dtype) - detached)
@@ -448,11 +455,7 @@ class SelfAttention(nn.Module):
         q = apply_rotary(F.rms_norm(q, (self.head_dim,)), cos, sin) * self.q_gain.to(q.dtype)[:, None]
         k = apply_rotary(F.rms_norm(k, (self.head_dim,)), cos, sin)
         y = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            is_causal=False,
-            enable_gqa=self.num_kv_heads != self.num_heads,
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=False, enable_gqa=self.num_kv_heads != self.num_heads
         )
         return self.proj(y.transpose(1, 2).reshape(batch, seq_len, dim))
 
@@ -489,7 +492,7 @@ class Block(nn.Module):
 class DiffusionTransformer(nn.Module):
     """Denoiser x_θ(x_t): logits over the real vocabulary at every position, with no time input.
 
-    The number of [MASK] tokens in x_t tells the network the noise level, so the model needs no t.
+    The number of [MASK] tokens in x_t carries the noise level, so the model needs no t.
     Block order: encoder half, the loop blocks LOOP_EXTRA more times, decoder half with U-Net skips.
     """
 
@@ -508,6 +511,9 @@ class DiffusionTransformer(nn.Module):
         )
         self.skip_weights = nn.Parameter(torch.ones(args.unet_skips, dim))
         self.rotary = Rotary(dim // args.num_heads, args.train_seq_len, args.rope_base)
+        # Settings that change the function but no tensor shape; the artifact keeps them for rescoring.
+        names = ("TRAIN_SEQ_LEN", "LOOP_START", "LOOP_END", "LOOP_EXTRA", "ROPE_BASE", "LOGIT_SOFTCAP")
+        self.settings = {name: getattr(args, name.lower()) for name in names}
         self.qat = False
         self.init_weights(args.tied_embed_init_std)
 
@@ -532,7 +538,8 @@ class DiffusionTransformer(nn.Module):
             if isinstance(module, CastedLinear):
                 module.qat = enabled
 
-    def forward(self, x_t: Tensor) -> Tensor:
+    def forward(self, x_t: Tensor, positions: Tensor | None = None) -> Tensor:
+        """Return logits at every position, shape (B, L, V), or only at the flat indices `positions`, shape (K, V)."""
         emb_weight = fake_quantize_per_row(self.tok_emb.weight) if self.qat else self.tok_emb.weight
         x = F.rms_norm(F.embedding(x_t, emb_weight), (emb_weight.size(1),))
         x0 = x
@@ -548,6 +555,8 @@ class DiffusionTransformer(nn.Module):
                 x = x + self.skip_weights[j] * skips.pop()
             x = self.blocks[i](x, x0, cos, sin)
         x = F.rms_norm(x, (x.size(-1),))
+        if positions is not None:
+            x = x.flatten(0, 1)[positions]
         # SUBS: the head has no [MASK] row, so [MASK] is never predicted.
         logits = F.linear(x, emb_weight[: self.vocab_size].to(x.dtype)).float()
         return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
@@ -580,22 +589,60 @@ def masked_cross_entropy(logits: Tensor, x0: Tensor, masked: Tensor) -> Tensor:
     return nll * masked
 
 
+def loss_positions(masked: Tensor, eps: float) -> Tensor:
+    """Select a fixed number of flat positions, every masked one first, so the head and the loss skip most unmasked
+    positions at a static shape. Antithetic pairs mask (1 + eps)·L tokens per pair on average (an odd last row at
+    most L), and by Hoeffding's inequality a count 4·sqrt(B·L) above that has probability below e^-32."""
+    batch, length = masked.shape
+    expected = (batch // 2) * (1 + eps) * length + (batch % 2) * length
+    budget = min(batch * length, math.ceil(expected + 4 * math.sqrt(batch * length)))
+    # NOTE: masked tokens beyond the budget (probability below 1.3e-14 per micro-batch) drop out of the loss.
+    return torch.argsort(masked.flatten().to(torch.uint8), descending=True, stable=True)[:budget]
+
+
 def diffusion_loss(model: nn.Module, x0: Tensor, eps: float, mask_id: int) -> Tensor:
     """One-sample NELBO per token: Σ_masked (1/t)·(−log p_θ) over the batch, divided by all B·L positions."""
     t = sample_mask_rates(x0.size(0), eps, x0.device)
     x_t, masked = mask_tokens(x0, t, mask_id)
-    nll = masked_cross_entropy(model(x_t), x0, masked)
-    return (nll / t[:, None]).sum() / x0.numel()
+    positions = loss_positions(masked, eps)
+    nll = F.cross_entropy(model(x_t, positions), x0.flatten()[positions], reduction="none")
+    weight = masked.flatten()[positions] / t[positions // x0.size(1)]  # 0 at the unmasked positions selected
+    return (nll * weight).sum() / x0.numel()
+
+
+class DiffusionObjective(nn.Module):
+    """diffusion_loss as a module, so that torch.compile traces mask sampling, forward and loss as one graph."""
+
+    def __init__(self, model: DiffusionTransformer, eps: float):
+        super().__init__()
+        self.model, self.eps = model, eps
+
+    def forward(self, x0: Tensor) -> Tensor:
+        return diffusion_loss(self.model, x0, self.eps, self.model.mask_id)
 
 
 # -----------------------------
 # LIKELIHOOD EVALUATION
 # -----------------------------
-# trap8, the reference run's estimator: the NELBO integrand at eight mask rates, combined with trapezoid
-# weights. It covers t in [0.05, 0.95] only (the weights sum to 0.9), leaving out the noisiest part of
-# the integral, so it is NOT an upper bound on the code length and reads lower than the true NELBO.
+# Every method scores the whole validation split as rows: one row is one forward pass over one
+# sequence with some positions masked, and its value is a weighted sum of −log p_θ over its scored
+# positions. A method fixes the rows of a sequence (passes_per_seq of them) and how they add up:
+#   elbo    the continuous-time NELBO in its exact-count form, an upper bound on the code length in
+#           expectation: Σ_{m=1..L} (1/m)·E_{|M|=m}[Σ_{i∈M} −log p_θ(x_i | x_{−M})], where the 1/m is
+#           ∫₀¹ (1/t)·P(|M| = m | t) dt for α_t = 1 − t. m is drawn stratified over 1..L and exactly m
+#           positions are masked, so every weight is bounded (no 1/t blow-up as t → 0).
+#   chainK  the exact code length of a left-to-right factorization in blocks of K tokens. Each block is
+#           predicted from one pass over the revealed prefix with everything after it masked. Its
+#           distribution is a product of normalized per-token distributions, so the sum is a true
+#           log-likelihood. K = 1 is the exact left-to-right likelihood.
+#   trap8   the reference run's estimator: the NELBO integrand at eight mask rates with trapezoid
+#           weights. It covers t in [0.05, 0.95] only (weights sum to 0.9) and is NOT a bound.
+# Random draws come from a generator per (EVAL_SEED, sequence, method), rows are processed in
+# fixed global chunks dealt round-robin to ranks, and sums are float64 in a fixed order, so a result
+# does not depend on the number of ranks.
 
 TRAP8_MASK_RATES = (0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95)
+METHOD_KINDS = {"elbo": "nelbo_estimate", "chain": "exact_code_length", "trap8": "not_a_bound"}
 
 
 def trapezoid_weights(points: tuple[float, ...]) -> list[float]:
@@ -603,60 +650,164 @@ def trapezoid_weights(points: tuple[float, ...]) -> list[float]:
     return [(points[1] - points[0]) / 2, *inner, (points[-1] - points[-2]) / 2]
 
 
+def method_generator(eval_seed: int, seq_index: int, method: str) -> torch.Generator:
+    """A CPU generator private to one sequence and method, so masks do not depend on ranks or batching."""
+    # torch's CPU generator keeps only 32 bits of a seed, so mix all three into 32 well-spread bits.
+    entropy = [eval_seed, seq_index, zlib.crc32(method.encode())]
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+
+
+def elbo_strata(seq_len: int, passes: int) -> list[tuple[int, int]]:
+    """Split m = 1..L into passes/2 contiguous strata [lo, hi); each half of the passes covers all of them."""
+    count = passes // 2
+    edges = [1 + k * seq_len // count for k in range(count + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def elbo_rows(x0: Tensor, gen: torch.Generator, passes: int) -> tuple[Tensor, Tensor]:
+    """Draw one sequence's elbo rows: two independent stratified halves of passes/2 masks and weights.
+
+    Row k of a half draws m uniformly from stratum [lo, hi), masks m positions uniformly and weighs
+    the masked −log p by (hi − lo)/m, an unbiased estimate of Σ_{m in stratum} (1/m)·E[Σ_M −log p].
+    Each half sums to an unbiased NELBO estimate; the row weights carry an extra 1/2 to average them.
+    """
+    seq_len = x0.numel()
+    masks, weights = [], []
+    for _ in range(2):
+        for lo, hi in elbo_strata(seq_len, passes):
+            m = int(torch.randint(lo, hi, (1,), generator=gen))
+            mask = torch.zeros(seq_len, dtype=torch.bool)
+            mask[torch.randperm(seq_len, generator=gen)[:m]] = True
+            masks.append(mask)
+            weights.append((hi - lo) / m / 2)
+    return torch.stack(masks), torch.tensor(weights, dtype=torch.float64)
+
+
+def trap8_rows(x0: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Draw one sequence's trap8 rows: a mask at each rate t_j, weighted w_j/t_j (trapezoid weight w_j)."""
+    rates = torch.tensor(TRAP8_MASK_RATES)
+    masks = torch.rand(len(rates), x0.numel(), generator=gen) < rates[:, None]
+    weights = torch.tensor(trapezoid_weights(TRAP8_MASK_RATES), dtype=torch.float64) / rates.double()
+    return masks, weights
+
+
+def chain_rows(x0: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Build one sequence's chain rows: row b hides blocks >= b and scores block b, conditioning it on blocks < b only."""
+    positions = torch.arange(x0.numel())
+    starts = torch.arange(0, x0.numel(), block)
+    hidden = positions[None, :] >= starts[:, None]
+    scored = hidden & (positions[None, :] < starts[:, None] + block)
+    return hidden, scored, torch.ones(len(starts), dtype=torch.float64)
+
+
+@dataclass
+class EvalMethod:
+    """One evaluation method: how many rows each sequence gets and how they are masked and weighted."""
+
+    name: str  # elbo, chainK or trap8
+    kind: str
+    passes_per_seq: int
+    block: int = 0  # chain block size
+
+    def rows(self, x0: Tensor, seq_index: int, eval_seed: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Return (hidden, scored, weight) of the sequence's rows: positions set to [MASK], positions scored."""
+        if self.name.startswith("chain"):
+            return chain_rows(x0, self.block)
+        gen = method_generator(eval_seed, seq_index, self.name)
+        masks, weights = elbo_rows(x0, gen, self.passes_per_seq) if self.name == "elbo" else trap8_rows(x0, gen)
+        return masks, masks, weights
+
+
+def parse_eval_methods(spec: str, seq_len: int, passes: int) -> list[EvalMethod]:
+    """Parse EVAL_METHOD, a comma list of elbo, trap8 and chainK."""
+    methods = []
+    for name in (part.strip() for part in spec.split(",")):
+        if name == "elbo":
+            methods.append(EvalMethod(name, METHOD_KINDS["elbo"], passes))
+        elif name == "trap8":
+            methods.append(EvalMethod(name, METHOD_KINDS["trap8"], len(TRAP8_MASK_RATES)))
+        elif name.startswith("chain") and name[5:].isdigit() and 1 <= int(name[5:]) <= seq_len:
+            block = int(name[5:])
+            methods.append(EvalMethod(name, METHOD_KINDS["chain"], -(-seq_len // block), block))
+        else:
+            raise InputError(
+                f"EVAL_METHOD={spec!r}: {name!r} is not a method; use elbo, trap8 or chainK with "
+                f"1 <= K <= TRAIN_SEQ_LEN={seq_len}, separated by commas"
+            )
+    return methods
+
+
 @dataclass
 class EvalResult:
+    method: EvalMethod
     val_loss: float  # nats per token
     val_bpb: float  # bits per UTF-8 byte
+    stderr_bpb: float | None  # Monte Carlo standard error of val_bpb (elbo only)
     eval_ms: float
+    tokens_per_s: float  # token positions run through the model per second, all ranks together
 
 
-def sequence_generator(eval_seed: int, seq_index: int) -> torch.Generator:
-    """A CPU generator private to one validation sequence, so masks do not depend on ranks or batching."""
-    # torch's CPU generator keeps only 32 bits of a seed, so mix both numbers into 32 well-spread bits.
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([eval_seed, seq_index]).generate_state(1)[0]))
+def bits_per_byte(nats: float, total_bytes: int) -> float:
+    """The challenge's metric, the same for every method: code length in bits over the split's UTF-8 bytes."""
+    return nats / math.log(2.0) / total_bytes
 
 
-def trap8_sequence_nats(model: nn.Module, seqs: Tensor, first_index: int, args, autocast) -> Tensor:
-    """trap8 NELBO estimate in nats of each sequence: Σ_j w_j (1/t_j) Σ_masked −log p_θ at t_j."""
-    rates = torch.tensor(TRAP8_MASK_RATES)
-    weights = torch.tensor(trapezoid_weights(TRAP8_MASK_RATES), dtype=torch.float64)
-    draws = torch.stack(
-        [torch.rand(len(rates), seqs.size(1), generator=sequence_generator(args.eval_seed, first_index + i)) for i in range(len(seqs))]
-    )
-    masked = (draws < rates[None, :, None]).flatten(0, 1)
-    x0 = seqs.repeat_interleave(len(rates), dim=0)
+def score_rows(model: nn.Module, x0: Tensor, hidden: Tensor, scored: Tensor, mask_id: int, autocast) -> Tensor:
+    """Σ −log p_θ(x₀ⁱ | x₀ with hidden positions set to [MASK]) over each row's scored positions, float64."""
     device = next(model.parameters()).device
-    x0, masked = x0.to(device), masked.to(device)
+    x0, hidden, scored = x0.to(device), hidden.to(device), scored.to(device)
     with autocast():
-        logits = model(torch.where(masked, args.vocab_size, x0))
-    nll = masked_cross_entropy(logits, x0, masked).double().sum(dim=1).cpu().view(len(seqs), len(rates))
-    return (nll * (weights / rates.double())).sum(dim=1)
+        logits = model(torch.where(hidden, mask_id, x0))
+    return masked_cross_entropy(logits, x0, scored).double().sum(dim=1).cpu()
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, val_seqs: Tensor, total_bytes: int, args, rank: int, world_size: int, autocast) -> EvalResult:
-    """Score the whole validation split with trap8, sequences split across ranks; sums in float64."""
+def score_sequences(model: nn.Module, method: EvalMethod, val_seqs: Tensor, args, rank: int, world_size: int, autocast) -> Tensor:
+    """Weighted value of every row, shape (num_seqs, passes_per_seq); a row of sequence s is rows_of(s)."""
+    num_seqs, seq_len = val_seqs.shape
+    passes = method.passes_per_seq
+    num_rows = num_seqs * passes
+    chunk_rows = max(args.eval_batch_tokens // seq_len, 1)
+    values = torch.zeros(num_rows, dtype=torch.float64)
+    for chunk, first in enumerate(range(0, num_rows, chunk_rows)):
+        if chunk % world_size != rank:
+            continue
+        last = min(first + chunk_rows, num_rows)
+        seqs = range(first // passes, (last - 1) // passes + 1)
+        hidden, scored, weights = (torch.cat(part) for part in zip(*(method.rows(val_seqs[s], s, args.eval_seed) for s in seqs)))
+        x0 = val_seqs[seqs.start : seqs.stop].repeat_interleave(passes, dim=0)
+        rows = slice(first - seqs.start * passes, last - seqs.start * passes)
+        values[first:last] = score_rows(model, x0[rows], hidden[rows], scored[rows], args.vocab_size, autocast) * weights[rows]
+    if world_size > 1:
+        device = next(model.parameters()).device
+        reduced = values.to(device)
+        dist.all_reduce(reduced)  # every row is non-zero on exactly one rank
+        values = reduced.cpu()
+    return values.view(num_seqs, passes)
+
+
+def evaluate(model: nn.Module, method: EvalMethod, val_seqs: Tensor, total_bytes: int, args, rank: int, world_size: int, autocast) -> EvalResult:
+    """Score the whole validation split with one method, rows shared across ranks."""
     start = time.perf_counter()
     was_training = model.training
     model.eval()
-    num_seqs, seq_len = val_seqs.shape
-    first, last = num_seqs * rank // world_size, num_seqs * (rank + 1) // world_size
-    seqs_per_pass = max(args.val_batch_size // world_size // seq_len // len(TRAP8_MASK_RATES), 1)
-    device = next(model.parameters()).device
-    per_seq = torch.zeros(num_seqs, dtype=torch.float64)
-    for i in range(first, last, seqs_per_pass):
-        stop = min(i + seqs_per_pass, last)
-        per_seq[i:stop] = trap8_sequence_nats(model, val_seqs[i:stop], i, args, autocast)
-    if world_size > 1:
-        per_seq = per_seq.to(device)
-        dist.all_reduce(per_seq)  # each sequence is non-zero on exactly one rank
-        per_seq = per_seq.cpu()
-    total_nats = math.fsum(per_seq.tolist())  # fixed order: the result does not depend on world size
+    values = score_sequences(model, method, val_seqs, args, rank, world_size, autocast)
     model.train(was_training)
+    total_nats = math.fsum(values.flatten().tolist())  # fixed order, so independent of world size
+    stderr = None
+    if method.name == "elbo":
+        # Each half of the passes is an independent unbiased estimate, so Var(mean) ≈ (a − b)²/4.
+        half = method.passes_per_seq // 2
+        a, b = 2 * values[:, :half].sum(dim=1), 2 * values[:, half:].sum(dim=1)
+        stderr = bits_per_byte(math.sqrt(math.fsum(((a - b) ** 2 / 4).tolist())), total_bytes)
+    elapsed = time.perf_counter() - start
     return EvalResult(
+        method=method,
         val_loss=total_nats / val_seqs.numel(),
-        val_bpb=total_nats / math.log(2.0) / total_bytes,
-        eval_ms=1000.0 * (time.perf_counter() - start),
+        val_bpb=bits_per_byte(total_nats, total_bytes),
+        stderr_bpb=stderr,
+        eval_ms=1000.0 * elapsed,
+        tokens_per_s=values.numel() * val_seqs.size(1) / elapsed,
     )
 
 
@@ -709,24 +860,25 @@ def log_samples(model: nn.Module, args: Hyperparameters, log0) -> None:
 
 
 def newton_schulz5(grad: Tensor, steps: int, eps: float = 1e-7) -> Tensor:
-    """Approximate U Vᵀ of grad = U S Vᵀ; singular values land in about [0.7, 1.2], not exactly 1.
+    """Approximate U Vᵀ of grad = U S Vᵀ, for one matrix or a stack of them (batch dimension first).
 
-    The quintic's coefficients (3.4445, −4.7750, 2.0315) trade exactness for a steep slope at 0.
-    """
+    Singular values land in about [0.7, 1.2], not exactly 1, because the quintic's coefficients (3.4445, −4.7750,
+    2.0315) trade exactness for a steep slope at 0."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = grad.to(torch.bfloat16 if grad.is_cuda else torch.float32)
-    x = x / (x.norm() + eps)
-    transposed = x.size(0) > x.size(1)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
+    transposed = x.size(-2) > x.size(-1)
     if transposed:
-        x = x.T
+        x = x.mT
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if transposed else x
+    return x.mT if transposed else x
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon with Nesterov momentum and decoupled weight decay; rank r orthogonalizes every world_size-th matrix."""
+    """Muon with Nesterov momentum and decoupled weight decay. Matrices of one shape run through Newton–Schulz as
+    one batch, split evenly over ranks and all-gathered asynchronously, so one shape's transfer overlaps the next's."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
@@ -734,33 +886,37 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         distributed = dist.is_available() and dist.is_initialized()
-        world_size = dist.get_world_size() if distributed else 1
-        rank = dist.get_rank() if distributed else 0
+        world_size, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
         for group in self.param_groups:
-            params = group["params"]
-            device = params[0].device
-            # bfloat16 halves the all-reduce on GPUs; gloo runs in float32.
-            flat = torch.zeros(sum(p.numel() for p in params), device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-            offset = 0
-            for i, p in enumerate(params):
-                if i % world_size == rank and p.grad is not None:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p.grad)
-                    buf = state["momentum_buffer"]
-                    buf.mul_(group["momentum"]).add_(p.grad)
-                    update = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
-                    update = newton_schulz5(update, group["backend_steps"])
-                    update *= max(1.0, p.size(0) / p.size(1)) ** 0.5  # equal RMS for tall matrices
-                    flat[offset : offset + p.numel()] = update.flatten()
-                offset += p.numel()
-            if distributed:
-                dist.all_reduce(flat)
-            offset = 0
-            for p in params:
-                p.mul_(1.0 - group["lr"] * group["weight_decay"])
-                p.add_(flat[offset : offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += p.numel()
+            shapes = dict.fromkeys(p.shape for p in group["params"])  # in first-seen order
+            same_shape = [[p for p in group["params"] if p.shape == shape] for shape in shapes]
+            started = [self.start_updates(params, group, rank, world_size) for params in same_shape]
+            for params, updates, transfer in started:
+                if transfer is not None:
+                    transfer.wait()
+                rms_scale = max(1.0, params[0].size(0) / params[0].size(1)) ** 0.5  # equal update RMS for tall matrices
+                torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
+                torch._foreach_add_(params, list(updates[: len(params)].to(params[0].dtype).unbind()), alpha=-group["lr"] * rms_scale)
+
+    def start_updates(self, params: list[Tensor], group: dict, rank: int, world_size: int):
+        """Orthogonalize this rank's slice of same-shape params and start the all-gather of every rank's slice."""
+        per_rank = -(-len(params) // world_size)
+        mine = params[rank * per_rank : (rank + 1) * per_rank]
+        updates = [torch.zeros_like(params[0])] * (per_rank - len(mine))  # padding, which Newton–Schulz keeps at 0
+        if mine:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in mine]
+            for p in mine:  # not setdefault, which would allocate a throwaway zero tensor every step
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            buffers = [self.state[p]["momentum_buffer"] for p in mine]
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, grads)
+            updates = [*torch._foreach_add(grads, buffers, alpha=group["momentum"]), *updates]  # Nesterov
+        local = newton_schulz5(torch.stack(updates), group["backend_steps"])  # bfloat16 on GPUs
+        if world_size == 1:
+            return params, local, None
+        gathered = local.new_empty(world_size * per_rank, *params[0].shape)
+        return params, gathered, dist.all_gather_into_tensor(gathered, local, async_op=True)
 
 
 def is_control_tensor(name: str) -> bool:
@@ -805,8 +961,7 @@ class EMA:
 
     @torch.no_grad()
     def copy_to_model(self) -> None:
-        for p, s in zip(self.params, self.shadow):
-            p.copy_(s)
+        torch._foreach_copy_(self.params, self.shadow)
 
 
 # -----------------------------
@@ -875,17 +1030,18 @@ def decompress(blob: bytes) -> bytes:
     return zlib.decompress(blob)
 
 
-def export_artifact(model: nn.Module, compressor: str) -> bytes:
+def export_artifact(model: DiffusionTransformer, compressor: str) -> bytes:
     buffer = io.BytesIO()
-    torch.save(quantize_state_dict(model.state_dict()), buffer)
+    torch.save({**quantize_state_dict(model.state_dict()), "settings": model.settings}, buffer)
     return compress(buffer.getvalue(), compressor)
 
 
-def load_artifact(blob: bytes) -> dict[str, Tensor]:
+def load_artifact(blob: bytes) -> tuple[dict[str, Tensor], dict]:
+    """Return the dequantized state dict and the settings the model was trained with."""
     artifact = torch.load(io.BytesIO(decompress(blob)), map_location="cpu", weights_only=True)
     if artifact.get("format") != ARTIFACT_FORMAT:
         raise InputError(f"artifact format {artifact.get('format')!r} is not {ARTIFACT_FORMAT}")
-    return dequantize_state_dict(artifact)
+    return dequantize_state_dict(artifact), artifact["settings"]
 
 
 # -----------------------------
@@ -895,7 +1051,7 @@ def load_artifact(blob: bytes) -> dict[str, Tensor]:
 
 @dataclass
 class Runtime:
-    """Where and how this process runs."""
+    """The process's rank, device and compile setting."""
 
     rank: int
     world_size: int
@@ -912,9 +1068,7 @@ class Runtime:
         return self.world_size > 1
 
     def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -951,6 +1105,7 @@ def max_across_ranks(value: float, runtime: Runtime) -> float:
     """Agree on one value (rank clocks differ slightly) so every rank applies the same LR and stops together."""
     if not runtime.distributed:
         return value
+    # NOTE: this is one host sync per step on multi-rank runs, the price of a shared LR and stop step.
     tensor = torch.tensor(value, dtype=torch.float64, device=runtime.device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return float(tensor.item())
@@ -961,9 +1116,10 @@ class Trainer:
 
     def __init__(self, args, runtime, model, train_model, loader_factory, evaluate_fn, log0):
         self.args, self.runtime = args, runtime
-        self.model, self.train_model = model, train_model  # raw module; the compiled/DDP wrapper trained
+        self.model, self.train_model = model, train_model  # raw module; x0 -> loss (build_train_model)
         self.loader_factory = loader_factory
         self.loader = loader_factory()
+        self.prefetched: Tensor | None = None  # the next step's batch, read while the device runs this one
         self.evaluate_fn, self.log0 = evaluate_fn, log0
         self.optimizers = build_optimizers(model, args)
         _, self.accum_steps = args.check_batch(runtime.world_size)
@@ -976,15 +1132,16 @@ class Trainer:
 
     def train_step(self, step: int, scale: float) -> Tensor:
         """One optimizer step over this rank's share of the global batch; returns the mean loss (no sync)."""
-        batch = self.loader.next_batch()
+        batch = self.prefetched if self.prefetched is not None else self.loader.next_batch()
         total = torch.zeros((), device=self.runtime.device)
         for i, micro in enumerate(batch.chunk(self.accum_steps)):
             sync = self.runtime.distributed and i == self.accum_steps - 1
             with self.train_model.no_sync() if self.runtime.distributed and not sync else nullcontext():
                 with self.runtime.autocast():
-                    loss = diffusion_loss(self.train_model, micro, self.args.noise_eps, self.model.mask_id)
+                    loss = self.train_model(micro)
                 (loss / self.accum_steps).backward()
             total += loss.detach()
+        self.prefetched = self.loader.next_batch()  # host work and copy overlap the queued device work
         for group in self.optimizers[2].param_groups:
             group["momentum"] = muon_momentum(step, self.args)
         for opt in self.optimizers:
@@ -1013,13 +1170,13 @@ class Trainer:
         self.model.load_state_dict(model_state)
         for opt, state in zip(self.optimizers, optimizer_states):
             opt.load_state_dict(state)
-        self.loader = self.loader_factory()
+        self.loader, self.prefetched = self.loader_factory(), None
 
     def log_validation(self, step: int, train_ms: float) -> None:
         result = self.evaluate_fn(self.model)
         self.log0(
             f"step:{step}/{self.args.iterations} val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} "
-            f"estimator:trap8 train_time:{train_ms:.0f}ms eval_time:{result.eval_ms:.0f}ms"
+            f"estimator:{result.method.name} train_time:{train_ms:.0f}ms eval_time:{result.eval_ms:.0f}ms"
         )
 
     def update_late_phase(self, step: int, scale: float) -> None:
@@ -1122,28 +1279,16 @@ def log_environment(code: str, runtime: Runtime, log0) -> None:
     log0(code, console=False)
     log0("=" * 100, console=False)
     log0(f"python:{platform.python_version()} torch:{torch.__version__} device:{runtime.device.type} world_size:{runtime.world_size} compile:{int(runtime.compile)}")
-    if runtime.device.type == "cuda":
-        try:
-            log0(subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False).stdout, console=False)
-        except OSError as error:
-            log0(f"nvidia-smi:unavailable error:{error}", console=False)
+    if runtime.device.type == "cuda" and shutil.which("nvidia-smi"):
+        log0(subprocess.run(["nvidia-smi"], capture_output=True, text=True, check=False).stdout, console=False)
 
 
-def check_inputs(args: Hyperparameters, log0):
-    """Validate tokenizer and every shard before any training; returns what training needs."""
-    if args.export_compressor == "zstd":
-        try:
-            import zstandard  # noqa: F401
-        except ImportError:
-            raise InputError("EXPORT_COMPRESSOR=zstd needs the zstandard package: pip install zstandard") from None
+def check_validation_inputs(args: Hyperparameters, log0) -> tuple[Tensor, int]:
+    """Validate the tokenizer and the validation shards; return the split's sequences and UTF-8 byte count."""
     sp = load_tokenizer(args.tokenizer_path, args.vocab_size)
     encode_sample_prompt(sp, args)  # a SAMPLE_PROMPT too long for SAMPLE_LEN fails here, not after training
     start = time.perf_counter()
-    train_files = find_shards(args.train_files, "training")
     val_files = find_shards(args.val_files, "validation")
-    train_tokens = check_shards(train_files, args.vocab_size)
-    if train_tokens == 0:
-        raise InputError(f"the training shards matching {args.train_files} hold no tokens")
     check_shards(val_files, args.vocab_size)
     val_seqs = load_validation_tokens(val_files, args.train_seq_len)
     if int(val_seqs[0, 0]) != sp.bos_id():
@@ -1153,12 +1298,28 @@ def check_inputs(args: Hyperparameters, log0):
         )
     total_bytes = int(count_token_bytes(val_seqs.flatten().numpy(), build_byte_tables(sp)).sum())
     log0(f"tokenizer:{args.tokenizer_path} vocab_size:{sp.vocab_size()}")
-    log0(f"train_shards:{len(train_files)} train_tokens:{train_tokens} data_path:{args.data_path}")
     log0(
         f"val_shards:{len(val_files)} val_tokens:{val_seqs.numel()} val_seqs:{len(val_seqs)} val_bytes:{total_bytes} "
         f"check_time:{1000.0 * (time.perf_counter() - start):.0f}ms"
     )
-    return train_files, val_seqs, total_bytes
+    return val_seqs, total_bytes
+
+
+def check_training_inputs(args: Hyperparameters, log0) -> list[str]:
+    """Validate every training shard and the export settings; return the shard paths."""
+    if args.export_compressor == "zstd":
+        try:
+            import zstandard  # noqa: F401
+        except ImportError:
+            raise InputError("EXPORT_COMPRESSOR=zstd needs the zstandard package: pip install zstandard") from None
+    start = time.perf_counter()
+    train_files = find_shards(args.train_files, "training")
+    train_tokens = check_shards(train_files, args.vocab_size)
+    if train_tokens == 0:
+        raise InputError(f"the training shards matching {args.train_files} hold no tokens")
+    check_ms = 1000.0 * (time.perf_counter() - start)
+    log0(f"train_shards:{len(train_files)} train_tokens:{train_tokens} data_path:{args.data_path} check_time:{check_ms:.0f}ms")
+    return train_files
 
 
 def import_record_writer(args: Hyperparameters, code: str):
@@ -1174,6 +1335,17 @@ def import_record_writer(args: Hyperparameters, code: str):
 
 def build_model(args: Hyperparameters, runtime: Runtime) -> DiffusionTransformer:
     return DiffusionTransformer(args).to(runtime.device)
+
+
+def build_train_model(model: DiffusionTransformer, args: Hyperparameters, runtime: Runtime) -> nn.Module:
+    """Wrap the model into the x0 -> loss module that Trainer steps: one graph (fullgraph) when compiled, then DDP.
+    The only buffers, the RoPE tables, are built alike on every rank, so DDP skips broadcasting them each forward."""
+    train_model = DiffusionObjective(model, args.noise_eps)
+    if runtime.compile:
+        train_model = torch.compile(train_model, fullgraph=True, dynamic=False)
+    if runtime.distributed:
+        train_model = DDP(train_model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None, broadcast_buffers=False)
+    return train_model
 
 
 def log_peak_memory(runtime: Runtime, log0) -> None:
@@ -1206,30 +1378,58 @@ def write_artifact(model: nn.Module, code: str, args: Hyperparameters, runtime: 
     return path
 
 
-def read_artifact_everywhere(path: str, runtime: Runtime) -> dict[str, Tensor]:
-    """Rank 0 reads the artifact from disk and sends the bytes to all ranks, which need no shared filesystem."""
-    payload = [Path(path).read_bytes() if runtime.is_master else None]
+def load_artifact_model(path: str, args: Hyperparameters, runtime: Runtime) -> tuple[DiffusionTransformer, str]:
+    """Build a fresh model from an artifact on rank 0's disk; return it and the artifact's compressor.
+
+    Rank 0 reads the file and sends the bytes to all ranks, which need no shared filesystem.
+    """
+    payload = [Path(path).read_bytes() if runtime.is_master and os.path.isfile(path) else None]
     if runtime.distributed:
         dist.broadcast_object_list(payload, src=0)
-    return load_artifact(payload[0])
+    if payload[0] is None:
+        raise InputError(f"artifact not found: {path}")
+    model = build_model(args, runtime)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    state, settings = load_artifact(payload[0])
+    for name, value in settings.items():
+        if model.settings[name] != value:
+            raise InputError(f"artifact {path} was trained with {name}={value} but {name}={model.settings[name]} is set: set it as in that run")
+    found = {name: tuple(t.shape) for name, t in state.items()}
+    if found != expected:
+        name = sorted(set(found) ^ set(expected) or {n for n in found if found[n] != expected[n]})[0]
+        raise InputError(
+            f"artifact {path} does not fit the model settings: tensor {name} has shape {found.get(name, 'absent')} "
+            f"in the artifact but {expected.get(name, 'absent')} in the model; set NUM_LAYERS, MODEL_DIM, NUM_HEADS, "
+            "NUM_KV_HEADS, MLP_MULT, VOCAB_SIZE and UNET_SKIPS as in the run that wrote it"
+        )
+    model.load_state_dict(state)
+    return model, "zstd" if payload[0].startswith(ZSTD_MAGIC) else "zlib"
 
 
-def main() -> None:
-    code = Path(__file__).read_text(encoding="utf-8")
-    args = Hyperparameters()
-    record_writer = import_record_writer(args, code) if args.record_dir else None
-    args.check_batch(int(os.environ.get("WORLD_SIZE", "1")))  # before joining the process group
-    runtime = init_runtime(args)
-    log0 = make_logger(args, runtime)
-    log_environment(code, runtime, log0)
-    train_files, val_seqs, total_bytes = check_inputs(args, log0)
+def log_final_results(results: list[EvalResult], compressor: str, log0) -> None:
+    """The challenge's final lines for the first method, then one line per method."""
+    first, prefix = results[0], f"final_int8_{compressor}_roundtrip"
+    log0(
+        f"{prefix} val_loss:{first.val_loss:.4f} val_bpb:{first.val_bpb:.4f} eval_time:{first.eval_ms:.0f}ms "
+        f"estimator:{first.method.name} kind:{first.method.kind}"
+    )
+    log0(f"{prefix}_exact val_loss:{first.val_loss:.8f} val_bpb:{first.val_bpb:.8f}")
+    for result in results:
+        stderr = "" if result.stderr_bpb is None else f" stderr:{result.stderr_bpb:.8f}"
+        log0(
+            f"eval_method:{result.method.name} val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f}{stderr} "
+            f"passes_per_seq:{result.method.passes_per_seq} eval_time:{result.eval_ms:.0f}ms "
+            f"eval_tok_s:{result.tokens_per_s:.0f} kind:{result.method.kind}"
+        )
 
+
+def train_and_export(args: Hyperparameters, runtime: Runtime, code: str, evaluate_first, log0) -> tuple[str, int]:
+    """Train, swap in the EMA, write the artifact; return its path and the steps taken."""
+    train_files = check_training_inputs(args, log0)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = build_model(args, runtime)
     torch.manual_seed(args.seed * 1_000_003 + runtime.rank + 1)  # different masks on each rank
-    train_model = torch.compile(model) if runtime.compile else model
-    if runtime.distributed:
-        train_model = DDP(train_model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None)
+    train_model = build_train_model(model, args, runtime)
     seqs_per_rank, accum_steps = args.check_batch(runtime.world_size)
     log0(f"model_params:{sum(p.numel() for p in model.parameters())} block_schedule:{','.join(map(str, model.block_schedule()))}")
     log0(
@@ -1238,34 +1438,51 @@ def main() -> None:
         f"warmdown_iters:{args.warmdown_iters} noise_eps:{args.noise_eps} seed:{args.seed}"
     )
 
-    def evaluate_fn(eval_model: nn.Module) -> EvalResult:
-        scored = torch.compile(eval_model) if runtime.compile else eval_model
-        return evaluate(scored, val_seqs, total_bytes, args, runtime.rank, runtime.world_size, runtime.autocast)
-
     def loader_factory() -> TrainLoader:
         return TrainLoader(train_files, runtime.rank, runtime.world_size, seqs_per_rank, args.train_seq_len, runtime.device)
 
-    trainer = Trainer(args, runtime, model, train_model, loader_factory, evaluate_fn, log0)
+    trainer = Trainer(args, runtime, model, train_model, loader_factory, evaluate_first, log0)
     trainer.warm_up()
     steps = trainer.run()
     log_peak_memory(runtime, log0)
-
     model.set_qat(False)
     if trainer.ema is not None:
         trainer.ema.copy_to_model()
         log0(f"ema:swapped_in decay:{args.ema_decay} steps_averaged:{trainer.ema.updates}")
     else:
         log0(f"ema:not_used reason:lr_scale_never_reached_{args.ema_start_lr_scale} steps:{steps}")
+    return write_artifact(model, code, args, runtime, log0), steps
 
-    path = write_artifact(model, code, args, runtime, log0)
-    fresh = build_model(args, runtime)
-    fresh.load_state_dict(read_artifact_everywhere(path, runtime))
-    result = evaluate_fn(fresh)
-    prefix = f"final_int8_{args.export_compressor}_roundtrip"
-    log0(f"{prefix} val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} eval_time:{result.eval_ms:.0f}ms estimator:trap8 upper_bound:false")
-    log0(f"{prefix}_exact val_loss:{result.val_loss:.8f} val_bpb:{result.val_bpb:.8f}")
-    log_samples(fresh, args, log0)
+
+def main() -> None:
+    code = Path(__file__).read_text(encoding="utf-8")
+    args = Hyperparameters()
+    methods = args.parse_eval_methods()
+    record_writer = import_record_writer(args, code) if args.record_dir else None
+    if not args.eval_only:
+        args.check_batch(int(os.environ.get("WORLD_SIZE", "1")))  # before joining the process group
+    runtime = init_runtime(args)
+    log0 = make_logger(args, runtime)
+    log_environment(code, runtime, log0)
+    val_seqs, total_bytes = check_validation_inputs(args, log0)
+
+    def evaluate_all(eval_model: nn.Module, first_only: bool = False) -> list[EvalResult]:
+        scored = torch.compile(eval_model) if runtime.compile else eval_model
+        return [
+            evaluate(scored, method, val_seqs, total_bytes, args, runtime.rank, runtime.world_size, runtime.autocast)
+            for method in methods[: 1 if first_only else None]
+        ]
+
+    if args.eval_only:
+        log0(f"eval_only:{args.eval_only}")
+        path, steps = args.eval_only, 0
+    else:
+        path, steps = train_and_export(args, runtime, code, lambda m: evaluate_all(m, first_only=True)[0], log0)
+    model, compressor = load_artifact_model(path, args, runtime)
+    log_final_results(evaluate_all(model), compressor, log0)
+    log_samples(model, args, log0)
     if runtime.distributed:
+        gc.collect()  # free the DDP wrapper's cycles so gloo's threads stop before exit, which they can abort
         dist.destroy_process_group()
     if record_writer is not None and runtime.is_master:
         log0(record_writer.write_record(args, runtime, code, steps))
