@@ -916,7 +916,8 @@ class Muon(torch.optim.Optimizer):
         if world_size == 1:
             return params, local, None
         gathered = local.new_empty(world_size * per_rank, *params[0].shape)
-        return params, gathered, dist.all_gather_into_tensor(gathered, local, async_op=True)
+        all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)  # renamed in torch 2.13
+        return params, gathered, all_gather(gathered, local, async_op=True)
 
 
 def is_control_tensor(name: str) -> bool:
