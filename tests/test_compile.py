@@ -7,7 +7,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from conftest import TINY_ENV
-from train_mdlm import DiffusionObjective, DiffusionTransformer, Hyperparameters
+from train_mdlm import DiffusionObjective, DiffusionTransformer, Hyperparameters, draw_mask_noise
 
 # The tiny layout has a looped block and U-Net skips, the parts most likely to break a graph; short
 # sequences keep each compile to a few seconds.
@@ -25,7 +25,8 @@ def fresh_dynamo_cache():
 def test_loss_traces_without_graph_breaks(qat):
     model = DiffusionTransformer(ARGS)
     model.set_qat(qat)
-    explanation = torch._dynamo.explain(DiffusionObjective(model, ARGS.noise_eps))(torch.randint(0, 1024, (4, 16)))
+    t, u = draw_mask_noise(0, 0, 4, 16, ARGS.noise_eps, "cpu")
+    explanation = torch._dynamo.explain(DiffusionObjective(model, ARGS.noise_eps))(torch.randint(0, 1024, (4, 16)), t, u)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
 
@@ -36,16 +37,15 @@ def test_qat_switch_is_the_only_recompile():
     objective = DiffusionObjective(model, ARGS.noise_eps)
     counter = CompileCounterWithBackend("aot_eager")  # AOTAutograd traces the backward as well
     compiled = torch.compile(objective, backend=counter, fullgraph=True, dynamic=False)
-    x0 = torch.randint(0, 1024, (4, 16))
     weight = model.blocks[1].attn.proj.weight  # a loop block's; zero at init, but its gradient is not
-    for qat in (False, False, True, True):
+    # Two micro-batches cut from one batch, as Trainer.micro_batches does: views at different offsets.
+    batch, (t, u) = torch.randint(0, 1024, (8, 16)), draw_mask_noise(0, 1, 8, 16, ARGS.noise_eps, "cpu")
+    for qat, micro in zip((False, False, True, True), [*zip(batch.chunk(2), t.chunk(2), u.chunk(2))] * 2):
         model.set_qat(qat)
-        torch.manual_seed(1)
-        compiled(x0).backward()
+        compiled(*micro).backward()
         compiled_grad = weight.grad.clone()
         model.zero_grad()
-        torch.manual_seed(1)
-        objective(x0).backward()
+        objective(*micro).backward()
         assert compiled_grad.abs().sum() > 0
         assert torch.allclose(compiled_grad, weight.grad, atol=1e-6)  # the counted graphs are the step
         model.zero_grad()

@@ -16,6 +16,7 @@ from train_mdlm import (
     EvalResult,
     Hyperparameters,
     diffusion_loss,
+    draw_mask_noise,
     evaluate,
     loss_positions,
     mask_tokens,
@@ -89,10 +90,22 @@ def test_mask_rates_come_in_antithetic_pairs():
     torch.manual_seed(0)
     t = sample_mask_rates(10, 0.05, "cpu")
     assert t.shape == (10,)
-    assert torch.allclose(t[:5] + t[5:], torch.full((5,), 1.05))
+    assert torch.allclose(t[0::2] + t[1::2], torch.full((5,), 1.05))  # adjacent rows pair up
     assert t.min() >= 0.05
     assert t.max() <= 1.0
     assert sample_mask_rates(7, 0.05, "cpu").shape == (7,)
+
+
+def test_mask_noise_depends_only_on_seed_and_step():
+    t, u = draw_mask_noise(7, 3, 6, 32, 0.05, "cpu")
+    again_t, again_u = draw_mask_noise(7, 3, 6, 32, 0.05, "cpu")
+    assert torch.equal(t, again_t)
+    assert torch.equal(u, again_u)
+    assert torch.allclose(t[0::2] + t[1::2], torch.full((3,), 1.05))
+    assert u.shape == (6, 32)
+    assert 0 <= u.min() <= u.max() < 1
+    for other in (draw_mask_noise(7, 4, 6, 32, 0.05, "cpu"), draw_mask_noise(8, 3, 6, 32, 0.05, "cpu")):
+        assert not torch.equal(u, other[1])
 
 
 def test_mask_fraction_follows_rate():
@@ -100,7 +113,7 @@ def test_mask_fraction_follows_rate():
     t = torch.tensor([0.05, 0.3, 0.7, 1.0])
     length = 20_000
     x0 = torch.randint(0, 1024, (4, length))
-    x_t, masked = mask_tokens(x0, t, mask_id=1024)
+    x_t, masked = mask_tokens(x0, t, torch.rand(x0.shape), mask_id=1024)
     fraction = masked.float().mean(dim=1)
     tolerance = 5 * torch.sqrt(t * (1 - t) / length) + 1e-9
     assert torch.all((fraction - t).abs() <= tolerance)
@@ -111,7 +124,7 @@ def test_mask_fraction_follows_rate():
 def test_loss_positions_cover_every_masked_token():
     torch.manual_seed(0)
     t = sample_mask_rates(8, 0.05, "cpu")
-    _, masked = mask_tokens(torch.zeros(8, 64, dtype=torch.long), t, mask_id=1024)
+    _, masked = mask_tokens(torch.zeros(8, 64, dtype=torch.long), t, torch.rand(8, 64), mask_id=1024)
     positions = loss_positions(masked, 0.05).tolist()
     # 4 antithetic pairs mask 4·1.05·64 = 268.8 tokens on average; the margin is 4·sqrt(512) = 90.5.
     assert len(positions) == 360
@@ -128,12 +141,10 @@ def test_loss_positions_budget_of_odd_batch():
 def test_diffusion_loss_weights_masked_tokens_by_inverse_rate():
     model = DiffusionTransformer(make_args())
     x0 = torch.randint(0, 1024, (4, 32))
-    torch.manual_seed(3)
-    loss = diffusion_loss(model, x0, 0.05, 1024)
-    torch.manual_seed(3)
-    t = 0.05 + 0.95 * torch.rand(2)
-    t = torch.cat((t, 1.05 - t))
-    masked = torch.rand(x0.shape) < t[:, None]
+    t = torch.tensor([0.3, 0.75, 0.05, 1.0])
+    u = torch.rand(x0.shape)
+    loss = diffusion_loss(model, x0, t, u, 0.05, 1024)
+    masked = u < t[:, None]
     logits = model(torch.where(masked, 1024, x0))
     expected = 0.0
     for row in range(4):

@@ -169,13 +169,14 @@ def test_eval_only_missing_artifact(tmp_path, trained_run):
     assert result.stderr.strip() == f"error: artifact not found: {tmp_path / 'none.ptz'}"
 
 
-def test_two_rank_run_under_torchrun(tmp_path, tiny_data, trained_run):
-    result = run_script(script_env(tiny_data), tmp_path, nproc=2)
+@pytest.mark.parametrize("nproc, overrides", [(2, {}), (None, {"MICRO_BATCH_TOKENS": "2048"})], ids=["two_ranks", "accumulation"])
+def test_split_batch_trains_the_same_model(tmp_path, tiny_data, trained_run, nproc, overrides):
+    """Masks are drawn per row of the global batch, so two ranks, or two micro-batches, repeat the one-process run."""
+    result = run_script(script_env(tiny_data, **overrides), tmp_path, nproc=nproc)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "world_size:2" in result.stdout
-    initial = float(parse_fields(lines_starting(trained_run.stdout, "step:0/60 val_loss")[0])["val_bpb"])
-    two_ranks = float(final_line(result.stdout, "_exact")["val_bpb"])
-    one_rank = float(final_line(trained_run.stdout, "_exact")["val_bpb"])
-    assert two_ranks < initial - 0.2
-    # Same data and schedule, different mask draws: seeds of this run spread by a few hundredths.
-    assert abs(two_ranks - one_rank) < 0.1
+    assert ("world_size:2" if nproc else "grad_accum_steps:2") in result.stdout
+    first_step = [parse_fields(lines_starting(run, "step:1/60 train_loss")[0]) for run in (trained_run.stdout, result.stdout)]
+    assert first_step[0]["train_loss"] == first_step[1]["train_loss"]
+    one_process = float(final_line(trained_run.stdout, "_exact")["val_bpb"])
+    split = float(final_line(result.stdout, "_exact")["val_bpb"])
+    assert abs(split - one_process) < 0.002  # float rounding only; other seeds land a few hundredths away
