@@ -206,11 +206,8 @@ class Hyperparameters:
         micro_seqs = max(self.micro_batch_tokens // self.train_seq_len, 1)
         accum_steps = max(seqs // micro_seqs, 1)
         if seqs % accum_steps:
-            raise InputError(
-                f"each rank's {seqs} sequences per step do not split into micro-batches of "
-                f"MICRO_BATCH_TOKENS={self.micro_batch_tokens} tokens; pick a MICRO_BATCH_TOKENS that divides "
-                f"{seqs * self.train_seq_len}"
-            )
+            advice = f"pick a MICRO_BATCH_TOKENS that divides {seqs * self.train_seq_len}"
+            raise InputError(f"each rank's {seqs} sequences per step do not split into micro-batches of MICRO_BATCH_TOKENS={self.micro_batch_tokens} tokens; {advice}")
         return seqs, accum_steps
 
 
@@ -505,10 +502,7 @@ class DiffusionTransformer(nn.Module):
         self.num_encoder_layers = args.num_encoder_layers
         self.loop_blocks = list(range(args.loop_start, args.loop_end)) * args.loop_extra
         self.tok_emb = nn.Embedding(args.vocab_size + 1, dim)
-        self.blocks = nn.ModuleList(
-            Block(dim, args.num_heads, args.num_kv_heads, args.mlp_mult, args.qk_gain_init)
-            for _ in range(args.num_layers)
-        )
+        self.blocks = nn.ModuleList(Block(dim, args.num_heads, args.num_kv_heads, args.mlp_mult, args.qk_gain_init) for _ in range(args.num_layers))
         self.skip_weights = nn.Parameter(torch.ones(args.unet_skips, dim))
         self.rotary = Rotary(dim // args.num_heads, args.train_seq_len, args.rope_base)
         # Settings that change the function but no tensor shape; the artifact keeps them for rescoring.
@@ -571,28 +565,35 @@ class DiffusionTransformer(nn.Module):
 # so only masked positions carry loss.
 
 
+def seeded_generator(entropy: list[int], device="cpu") -> torch.Generator:
+    """A generator private to one tuple of integers (a seed and indices), so draws do not depend on ranks or batching."""
+    # torch's CPU generator keeps only 32 bits of a seed, so mix the tuple into 32 well-spread bits.
+    return torch.Generator(device).manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+
+
 def sample_mask_rates(batch_size: int, eps: float, device, generator=None) -> Tensor:
-    """Mask rates in antithetic pairs (t, 1 + eps − t) with t ~ U[eps, 1], for lower-variance batches."""
+    """Mask rates in antithetic pairs (t, 1 + eps − t) on adjacent rows, t ~ U[eps, 1], for lower-variance batches."""
     t = eps + (1.0 - eps) * torch.rand((batch_size + 1) // 2, device=device, generator=generator)
-    return torch.cat((t, 1.0 + eps - t))[:batch_size]
+    return torch.stack((t, 1.0 + eps - t), dim=1).flatten()[:batch_size]
 
 
-def mask_tokens(x0: Tensor, t: Tensor, mask_id: int, generator=None) -> tuple[Tensor, Tensor]:
-    """Sample x_t ~ q(x_t | x_0): each token becomes [MASK] independently with probability t (per row)."""
-    masked = torch.rand(x0.shape, device=x0.device, generator=generator) < t[:, None]
+def draw_mask_noise(seed: int, step: int, rows: int, seq_len: int, eps: float, device) -> tuple[Tensor, Tensor]:
+    """Mask rates t and uniforms u (x_t masks where u < t) for all rows of a step's global batch. Each rank cuts out its
+    own rows, so the masks, and so the training run, do not depend on the number of ranks or micro-batches."""
+    generator = seeded_generator([seed, step], device)
+    return sample_mask_rates(rows, eps, device, generator), torch.rand(rows, seq_len, device=device, generator=generator)
+
+
+def mask_tokens(x0: Tensor, t: Tensor, u: Tensor, mask_id: int) -> tuple[Tensor, Tensor]:
+    """Sample x_t ~ q(x_t | x_0): with u ~ U[0, 1) per token, each token is [MASK] with probability t (per row)."""
+    masked = u < t[:, None]
     return torch.where(masked, mask_id, x0), masked
-
-
-def masked_cross_entropy(logits: Tensor, x0: Tensor, masked: Tensor) -> Tensor:
-    """−log p_θ(x₀ⁱ | x_t) at masked positions, 0 elsewhere, shape of x0."""
-    nll = F.cross_entropy(logits.flatten(0, 1), x0.flatten(), reduction="none").view_as(x0)
-    return nll * masked
 
 
 def loss_positions(masked: Tensor, eps: float) -> Tensor:
     """Select a fixed number of flat positions, every masked one first, so the head and the loss skip most unmasked
-    positions at a static shape. Antithetic pairs mask (1 + eps)·L tokens per pair on average (an odd last row at
-    most L), and by Hoeffding's inequality a count 4·sqrt(B·L) above that has probability below e^-32."""
+    positions at a static shape. Antithetic pairs mask (1 + eps)·L tokens per pair on average (a row without its pair
+    at most L), and by Hoeffding's inequality a count 4·sqrt(B·L) above that has probability below e^-32."""
     batch, length = masked.shape
     expected = (batch // 2) * (1 + eps) * length + (batch % 2) * length
     budget = min(batch * length, math.ceil(expected + 4 * math.sqrt(batch * length)))
@@ -600,10 +601,9 @@ def loss_positions(masked: Tensor, eps: float) -> Tensor:
     return torch.argsort(masked.flatten().to(torch.uint8), descending=True, stable=True)[:budget]
 
 
-def diffusion_loss(model: nn.Module, x0: Tensor, eps: float, mask_id: int) -> Tensor:
+def diffusion_loss(model: nn.Module, x0: Tensor, t: Tensor, u: Tensor, eps: float, mask_id: int) -> Tensor:
     """One-sample NELBO per token: Σ_masked (1/t)·(−log p_θ) over the batch, divided by all B·L positions."""
-    t = sample_mask_rates(x0.size(0), eps, x0.device)
-    x_t, masked = mask_tokens(x0, t, mask_id)
+    x_t, masked = mask_tokens(x0, t, u, mask_id)
     positions = loss_positions(masked, eps)
     nll = F.cross_entropy(model(x_t, positions), x0.flatten()[positions], reduction="none")
     weight = masked.flatten()[positions] / t[positions // x0.size(1)]  # 0 at the unmasked positions selected
@@ -611,14 +611,14 @@ def diffusion_loss(model: nn.Module, x0: Tensor, eps: float, mask_id: int) -> Te
 
 
 class DiffusionObjective(nn.Module):
-    """diffusion_loss as a module, so that torch.compile traces mask sampling, forward and loss as one graph."""
+    """diffusion_loss as a module, so that torch.compile traces masking, forward and loss as one graph."""
 
     def __init__(self, model: DiffusionTransformer, eps: float):
         super().__init__()
         self.model, self.eps = model, eps
 
-    def forward(self, x0: Tensor) -> Tensor:
-        return diffusion_loss(self.model, x0, self.eps, self.model.mask_id)
+    def forward(self, x0: Tensor, t: Tensor, u: Tensor) -> Tensor:
+        return diffusion_loss(self.model, x0, t, u, self.eps, self.model.mask_id)
 
 
 # -----------------------------
@@ -648,13 +648,6 @@ METHOD_KINDS = {"elbo": "nelbo_estimate", "chain": "exact_code_length", "trap8":
 def trapezoid_weights(points: tuple[float, ...]) -> list[float]:
     inner = [(points[i + 1] - points[i - 1]) / 2 for i in range(1, len(points) - 1)]
     return [(points[1] - points[0]) / 2, *inner, (points[-1] - points[-2]) / 2]
-
-
-def method_generator(eval_seed: int, seq_index: int, method: str) -> torch.Generator:
-    """A CPU generator private to one sequence and method, so masks do not depend on ranks or batching."""
-    # torch's CPU generator keeps only 32 bits of a seed, so mix all three into 32 well-spread bits.
-    entropy = [eval_seed, seq_index, zlib.crc32(method.encode())]
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
 
 
 def elbo_strata(seq_len: int, passes: int) -> list[tuple[int, int]]:
@@ -713,7 +706,7 @@ class EvalMethod:
         """Return (hidden, scored, weight) of the sequence's rows: positions set to [MASK], positions scored."""
         if self.name.startswith("chain"):
             return chain_rows(x0, self.block)
-        gen = method_generator(eval_seed, seq_index, self.name)
+        gen = seeded_generator([eval_seed, seq_index, zlib.crc32(self.name.encode())])
         masks, weights = elbo_rows(x0, gen, self.passes_per_seq) if self.name == "elbo" else trap8_rows(x0, gen)
         return masks, masks, weights
 
@@ -730,10 +723,8 @@ def parse_eval_methods(spec: str, seq_len: int, passes: int) -> list[EvalMethod]
             block = int(name[5:])
             methods.append(EvalMethod(name, METHOD_KINDS["chain"], -(-seq_len // block), block))
         else:
-            raise InputError(
-                f"EVAL_METHOD={spec!r}: {name!r} is not a method; use elbo, trap8 or chainK with "
-                f"1 <= K <= TRAIN_SEQ_LEN={seq_len}, separated by commas"
-            )
+            usage = f"use elbo, trap8 or chainK with 1 <= K <= TRAIN_SEQ_LEN={seq_len}, separated by commas"
+            raise InputError(f"EVAL_METHOD={spec!r}: {name!r} is not a method; {usage}")
     return methods
 
 
@@ -758,7 +749,8 @@ def score_rows(model: nn.Module, x0: Tensor, hidden: Tensor, scored: Tensor, mas
     x0, hidden, scored = x0.to(device), hidden.to(device), scored.to(device)
     with autocast():
         logits = model(torch.where(hidden, mask_id, x0))
-    return masked_cross_entropy(logits, x0, scored).double().sum(dim=1).cpu()
+    nll = F.cross_entropy(logits.flatten(0, 1), x0.flatten(), reduction="none").view_as(x0)
+    return (nll * scored).double().sum(dim=1).cpu()
 
 
 @torch.no_grad()
@@ -916,7 +908,8 @@ class Muon(torch.optim.Optimizer):
         if world_size == 1:
             return params, local, None
         gathered = local.new_empty(world_size * per_rank, *params[0].shape)
-        return params, gathered, dist.all_gather_into_tensor(gathered, local, async_op=True)
+        all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)  # renamed in torch 2.13
+        return params, gathered, all_gather(gathered, local, async_op=True)
 
 
 def is_control_tensor(name: str) -> bool:
@@ -1122,7 +1115,7 @@ class Trainer:
         self.prefetched: Tensor | None = None  # the next step's batch, read while the device runs this one
         self.evaluate_fn, self.log0 = evaluate_fn, log0
         self.optimizers = build_optimizers(model, args)
-        _, self.accum_steps = args.check_batch(runtime.world_size)
+        self.seqs_per_rank, self.accum_steps = args.check_batch(runtime.world_size)
         self.ema: EMA | None = None
         self.last_logged_step = 0
 
@@ -1130,15 +1123,22 @@ class Trainer:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
 
+    def micro_batches(self, batch: Tensor, step: int):
+        """(x0, t, u) per micro-batch of this rank's rows, the masks cut from those drawn for the whole global batch."""
+        seqs, rank, args = self.seqs_per_rank, self.runtime.rank, self.args
+        t, u = draw_mask_noise(args.seed, step, seqs * self.runtime.world_size, args.train_seq_len, args.noise_eps, batch.device)
+        own = slice(rank * seqs, (rank + 1) * seqs)
+        return zip(*(rows.chunk(self.accum_steps) for rows in (batch, t[own], u[own])))
+
     def train_step(self, step: int, scale: float) -> Tensor:
         """One optimizer step over this rank's share of the global batch; returns the mean loss (no sync)."""
         batch = self.prefetched if self.prefetched is not None else self.loader.next_batch()
         total = torch.zeros((), device=self.runtime.device)
-        for i, micro in enumerate(batch.chunk(self.accum_steps)):
+        for i, micro in enumerate(self.micro_batches(batch, step)):
             sync = self.runtime.distributed and i == self.accum_steps - 1
             with self.train_model.no_sync() if self.runtime.distributed and not sync else nullcontext():
                 with self.runtime.autocast():
-                    loss = self.train_model(micro)
+                    loss = self.train_model(*micro)
                 (loss / self.accum_steps).backward()
             total += loss.detach()
         self.prefetched = self.loader.next_batch()  # host work and copy overlap the queued device work
@@ -1428,7 +1428,6 @@ def train_and_export(args: Hyperparameters, runtime: Runtime, code: str, evaluat
     train_files = check_training_inputs(args, log0)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     model = build_model(args, runtime)
-    torch.manual_seed(args.seed * 1_000_003 + runtime.rank + 1)  # different masks on each rank
     train_model = build_train_model(model, args, runtime)
     seqs_per_rank, accum_steps = args.check_batch(runtime.world_size)
     log0(f"model_params:{sum(p.numel() for p in model.parameters())} block_schedule:{','.join(map(str, model.block_schedule()))}")
