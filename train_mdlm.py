@@ -206,8 +206,8 @@ class Hyperparameters:
         micro_seqs = max(self.micro_batch_tokens // self.train_seq_len, 1)
         accum_steps = max(seqs // micro_seqs, 1)
         if seqs % accum_steps:
-            advice = f"pick a MICRO_BATCH_TOKENS that divides {seqs * self.train_seq_len}"
-            raise InputError(f"each rank's {seqs} sequences per step do not split into micro-batches of MICRO_BATCH_TOKENS={self.micro_batch_tokens} tokens; {advice}")
+            advice = f"Pick a MICRO_BATCH_TOKENS that divides {seqs * self.train_seq_len}."
+            raise InputError(f"each rank's {seqs} sequences per step do not split into micro-batches of MICRO_BATCH_TOKENS={self.micro_batch_tokens} tokens. {advice}")
         return seqs, accum_steps
 
 
@@ -566,20 +566,20 @@ class DiffusionTransformer(nn.Module):
 
 
 def seeded_generator(entropy: list[int], device="cpu") -> torch.Generator:
-    """A generator private to one tuple of integers (a seed and indices), so draws do not depend on ranks or batching."""
+    """Return a generator seeded by a tuple of integers (a seed and indices), so draws do not depend on ranks or batching."""
     # torch's CPU generator keeps only 32 bits of a seed, so mix the tuple into 32 well-spread bits.
     return torch.Generator(device).manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
 
 
 def sample_mask_rates(batch_size: int, eps: float, device, generator=None) -> Tensor:
-    """Mask rates in antithetic pairs (t, 1 + eps − t) on adjacent rows, t ~ U[eps, 1], for lower-variance batches."""
+    """Draw mask rates in antithetic pairs (t, 1 + eps − t) on adjacent rows, t ~ U[eps, 1], for lower-variance batches."""
     t = eps + (1.0 - eps) * torch.rand((batch_size + 1) // 2, device=device, generator=generator)
     return torch.stack((t, 1.0 + eps - t), dim=1).flatten()[:batch_size]
 
 
 def draw_mask_noise(seed: int, step: int, rows: int, seq_len: int, eps: float, device) -> tuple[Tensor, Tensor]:
-    """Mask rates t and uniforms u (x_t masks where u < t) for all rows of a step's global batch. Each rank cuts out its
-    own rows, so the masks, and so the training run, do not depend on the number of ranks or micro-batches."""
+    """Draw the mask rates t and uniforms u (x_t is [MASK] where u < t) for every row of a step's global batch.
+    Each rank takes its own rows, so the masks do not depend on the number of ranks or micro-batches."""
     generator = seeded_generator([seed, step], device)
     return sample_mask_rates(rows, eps, device, generator), torch.rand(rows, seq_len, device=device, generator=generator)
 
@@ -611,7 +611,7 @@ def diffusion_loss(model: nn.Module, x0: Tensor, t: Tensor, u: Tensor, eps: floa
 
 
 class DiffusionObjective(nn.Module):
-    """diffusion_loss as a module, so that torch.compile traces masking, forward and loss as one graph."""
+    """The module form of diffusion_loss, so that torch.compile traces masking, forward and loss as one graph."""
 
     def __init__(self, model: DiffusionTransformer, eps: float):
         super().__init__()
@@ -723,8 +723,8 @@ def parse_eval_methods(spec: str, seq_len: int, passes: int) -> list[EvalMethod]
             block = int(name[5:])
             methods.append(EvalMethod(name, METHOD_KINDS["chain"], -(-seq_len // block), block))
         else:
-            usage = f"use elbo, trap8 or chainK with 1 <= K <= TRAIN_SEQ_LEN={seq_len}, separated by commas"
-            raise InputError(f"EVAL_METHOD={spec!r}: {name!r} is not a method; {usage}")
+            usage = f"Use elbo, trap8 or chainK with 1 <= K <= TRAIN_SEQ_LEN={seq_len}, separated by commas."
+            raise InputError(f"EVAL_METHOD={spec!r}: {name!r} is not a method. {usage}")
     return methods
 
 
@@ -908,7 +908,7 @@ class Muon(torch.optim.Optimizer):
         if world_size == 1:
             return params, local, None
         gathered = local.new_empty(world_size * per_rank, *params[0].shape)
-        all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)  # renamed in torch 2.13
+        all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)  # the old name is deprecated in torch 2.13
         return params, gathered, all_gather(gathered, local, async_op=True)
 
 
@@ -1109,7 +1109,7 @@ class Trainer:
 
     def __init__(self, args, runtime, model, train_model, loader_factory, evaluate_fn, log0):
         self.args, self.runtime = args, runtime
-        self.model, self.train_model = model, train_model  # raw module; x0 -> loss (build_train_model)
+        self.model, self.train_model = model, train_model  # the bare model, and its (x0, t, u) -> loss wrapper
         self.loader_factory = loader_factory
         self.loader = loader_factory()
         self.prefetched: Tensor | None = None  # the next step's batch, read while the device runs this one
@@ -1124,7 +1124,7 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
 
     def micro_batches(self, batch: Tensor, step: int):
-        """(x0, t, u) per micro-batch of this rank's rows, the masks cut from those drawn for the whole global batch."""
+        """Split this rank's rows into (x0, t, u) micro-batches, with t and u cut from the draw for the whole global batch."""
         seqs, rank, args = self.seqs_per_rank, self.runtime.rank, self.args
         t, u = draw_mask_noise(args.seed, step, seqs * self.runtime.world_size, args.train_seq_len, args.noise_eps, batch.device)
         own = slice(rank * seqs, (rank + 1) * seqs)
@@ -1135,8 +1135,8 @@ class Trainer:
         batch = self.prefetched if self.prefetched is not None else self.loader.next_batch()
         total = torch.zeros((), device=self.runtime.device)
         for i, micro in enumerate(self.micro_batches(batch, step)):
-            sync = self.runtime.distributed and i == self.accum_steps - 1
-            with self.train_model.no_sync() if self.runtime.distributed and not sync else nullcontext():
+            defer_sync = self.runtime.distributed and i < self.accum_steps - 1  # all-reduce after the last micro-batch only
+            with self.train_model.no_sync() if defer_sync else nullcontext():
                 with self.runtime.autocast():
                     loss = self.train_model(*micro)
                 (loss / self.accum_steps).backward()
@@ -1327,7 +1327,7 @@ def import_record_writer(args: Hyperparameters, code: str):
     sys.path.insert(0, str(Path(__file__).resolve().parent / "records"))
     try:
         import record_writer
-        record_writer.check_record_dir(args.record_dir, code)
+        record_writer.check_record_dir(args.record_dir, code, args.seed, args.parse_eval_methods()[0].name)
     except (ImportError, ValueError, OSError) as error:
         raise InputError(f"RECORD_DIR={args.record_dir} is unusable (it also needs records/record_writer.py beside the script): {error}") from None
     return record_writer
@@ -1338,7 +1338,7 @@ def build_model(args: Hyperparameters, runtime: Runtime) -> DiffusionTransformer
 
 
 def build_train_model(model: DiffusionTransformer, args: Hyperparameters, runtime: Runtime) -> nn.Module:
-    """Wrap the model into the x0 -> loss module that Trainer steps: one graph (fullgraph) when compiled, then DDP.
+    """Wrap the model into the (x0, t, u) -> loss module that Trainer steps: one graph (fullgraph) when compiled, then DDP.
     The only buffers, the RoPE tables, are built alike on every rank, so DDP skips broadcasting them each forward."""
     train_model = DiffusionObjective(model, args.noise_eps)
     if runtime.compile:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate the committed CPU sample record: two seeds of the README's quick-start model, trained on
 # the bundled FineWeb sample, written by RECORD_DIR into one folder. It shows what a record folder
-# contains; it is not a challenge result. A fixed ITERATIONS (no wallclock cap) keeps the step count
+# contains and is not a challenge result. A fixed ITERATIONS (no wallclock cap) keeps the step count
 # and LR schedule independent of the machine's speed. Needs matplotlib for the PNG.
 set -euo pipefail
 cd "$(dirname "$0")/.."

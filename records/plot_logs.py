@@ -4,7 +4,8 @@
 
 Each log is one line per panel, labelled by its seed, so several seeds overlay. The val_bpb panels
 show the validation passes during training (VAL_LOSS_EVERY) as lines and the final roundtrip score
-as a star at the last step. Needs matplotlib (pip install matplotlib), which train_mdlm.py does not.
+as a star at the last step. Needs matplotlib (pip install matplotlib). train_mdlm.py does not need it,
+and with RECORD_DIR set it draws the record's PNG only when matplotlib is installed.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_log import RunLog, parse_run  # noqa: E402
+from run_log import RunLog, parse_run
 
 
 def run_label(run: RunLog, path: Path) -> str:
@@ -22,7 +22,7 @@ def run_label(run: RunLog, path: Path) -> str:
 
 
 def final_point(run: RunLog) -> tuple[float, float, float] | None:
-    """(last step, training seconds, roundtrip val_bpb), or None when the run has no final line or step line."""
+    """Return the run's last step, training seconds and roundtrip val_bpb, or None when it has no final line or step line."""
     if not run.exact or not run.train:
         return None
     return run.train[-1].step, run.train_ms / 1000.0, float(run.exact["val_bpb"])

@@ -1,6 +1,6 @@
 """Write a challenge record folder at the end of a train_mdlm.py run.
 
-train_mdlm.py imports this module when RECORD_DIR is set: it calls check_record_dir before training
+train_mdlm.py imports this module when RECORD_DIR is set. It calls check_record_dir before training
 and write_record on rank 0 after the final score. The folder gets the challenge's layout:
 
     train_mdlm.py           the exact script that ran
@@ -10,9 +10,10 @@ and write_record on rank 0 after the final score. The folder gets the challenge'
     loss_curves.png         train loss and val_bpb curves, when matplotlib is installed
 
 Every number comes from the run's own log (logs/<RUN_ID>.txt), except the facts that the script
-hands over (seed, steps, hardware, command). Runs with other seeds into the same folder merge: the
+hands over (seed, steps, hardware, command). Runs with other seeds into the same folder merge. The
 challenge's val_loss and val_bpb become the mean over seeds, and extras keep each seed's results
-with the sample standard deviation.
+with the sample standard deviation. All seeds of a folder must share the estimator (the first
+EVAL_METHOD), and a run without a RECORD_* text keeps the one an earlier seed stored.
 
 NOTE: nothing locks submission.json. Two runs that finish at the same moment into one folder can
 lose one seed's entry, so run the seeds of one folder one after another.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shlex
 import statistics
 from datetime import datetime, timezone
@@ -33,40 +35,63 @@ from run_log import RunLog, last_run_text, parse_run
 SCRIPT_NAME = "train_mdlm.py"
 SUBMISSION_NAME = "submission.json"
 PNG_NAME = "loss_curves.png"
+README_NAME = "README.md"
 # Field names of the challenge's submission.json, in its order.
 CHALLENGE_FIELDS = ("author", "github_id", "name", "blurb", "date", "val_loss", "val_bpb", "bytes_total", "bytes_code")
-# Set by torchrun for each process; they describe the launch, not a setting of the run.
-LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+# The text fields of submission.json, each with the Hyperparameters attribute and the env var that sets it.
+TEXT_SETTINGS = {
+    "author": ("record_author", "RECORD_AUTHOR"),
+    "github_id": ("record_github_id", "RECORD_GITHUB_ID"),
+    "name": ("record_name", "RECORD_NAME"),
+    "blurb": ("record_blurb", "RECORD_BLURB"),
+}
+NEW_FOLDER_HINT = "choose a new RECORD_DIR such as records/track_non_record_16mb/<date>_<name>"
 
 
-def check_record_dir(record_dir: str, code: str) -> None:
-    """Raise ValueError unless record_dir can take a run of this script; creates nothing.
+def check_record_dir(record_dir: str, code: str, seed: int | None = None, estimator: str | None = None) -> None:
+    """Check that record_dir can take a run of this script, and raise ValueError if it cannot. Create nothing.
 
-    A folder keeps the runs of one script, so an existing copy of another script is an error.
+    A folder keeps the runs of one script, so an existing copy of another script is an error. A
+    README.md without a submission.json beside it belongs to something else, such as the repository
+    root, and write_record would overwrite it. Given the run's seed and estimator (the first EVAL_METHOD),
+    a run that the folder's other seeds cannot be averaged with is rejected too, before it trains.
     """
     folder = Path(record_dir)
     if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{folder} exists and is not a folder")
+        raise ValueError(f"{folder} exists and is not a folder: set RECORD_DIR to a folder path")
+    readme = folder / README_NAME
+    if readme.exists() and not (folder / SUBMISSION_NAME).exists():
+        raise ValueError(
+            f"{readme.resolve()} exists without a {SUBMISSION_NAME} beside it, so the folder is not a record folder "
+            f"and writing a record would overwrite that README: {NEW_FOLDER_HINT}"
+        )
     script = folder / SCRIPT_NAME
     if script.exists() and script.read_text(encoding="utf-8") != code:
-        raise ValueError(f"{script} is a different script; the runs of one folder must share one script, so choose a new folder")
+        raise ValueError(f"{script} is a different script, and the runs of one folder must share one script: {NEW_FOLDER_HINT}")
     existing = folder
     while not existing.exists():
         existing = existing.parent
     if not os.access(existing, os.W_OK):
-        raise ValueError(f"{existing.resolve()} is not writable")
-    load_runs(folder)
+        raise ValueError(f"{existing.resolve()} is not writable: make it writable or choose another RECORD_DIR")
+    stored_runs = load_submission(folder).get("extras", {}).get("runs", [])
+    if estimator is not None:
+        check_estimator(stored_runs, {"seed": seed, "estimator": estimator})
 
 
-def load_runs(folder: Path) -> list[dict]:
-    """Read the per-seed entries of the folder's submission.json; [] when there is none yet."""
+def load_submission(folder: Path) -> dict:
+    """Read the folder's submission.json and check that it lists per-seed runs. Return {} when there is none yet."""
     path = folder / SUBMISSION_NAME
     if not path.exists():
-        return []
+        return {}
     try:
-        return list(json.loads(path.read_text(encoding="utf-8"))["extras"]["runs"])
+        submission = json.loads(path.read_text(encoding="utf-8"))
+        submission["extras"]["runs"] = list(submission["extras"]["runs"])
     except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"{path} is not a submission.json written by this tool ({error}); move it away or choose a new folder") from None
+        raise ValueError(
+            f"{path} is not a submission.json written by records/record_writer.py, because reading it failed with {error!r}: "
+            f"move it away or {NEW_FOLDER_HINT}"
+        ) from None
+    return submission
 
 
 def cpu_name() -> str:
@@ -108,7 +133,7 @@ def run_command(hyperparameters_class, runtime, env=os.environ) -> str:
     """
     recorder = ReadRecorder(env)
     hyperparameters_class(recorder)
-    names = [name for name in dict.fromkeys(recorder.names) if env.get(name, "").strip() and name not in LAUNCHER_ENV]
+    names = [name for name in dict.fromkeys(recorder.names) if env.get(name, "").strip()]
     settings = [f"{name}={shlex.quote(env[name])}" for name in names]
     if runtime.world_size == 1:
         launcher = f"python3 {SCRIPT_NAME}"
@@ -124,7 +149,10 @@ def run_command(hyperparameters_class, runtime, env=os.environ) -> str:
 def seed_entry(run: RunLog, seed: int, steps: int, hardware: str, command: str, log_name: str, date: str) -> dict:
     """Collect one seed's results: the score and sizes from its log, and the facts the script handed over."""
     if not run.exact or run.size("Code size") is None or run.size("Total submission size") is None:
-        raise ValueError("the log lacks the final_int8_*_roundtrip_exact line or the size lines; the run did not finish")
+        raise ValueError(
+            f"the log of seed {seed} lacks the final_int8_*_roundtrip_exact line or the size lines, so it is not the log of a "
+            "finished run: check that logs/<RUN_ID>.txt was not changed during the run, then rerun"
+        )
     return {
         "seed": seed,
         "val_loss": float(run.exact["val_loss"]),
@@ -143,6 +171,33 @@ def seed_entry(run: RunLog, seed: int, steps: int, hardware: str, command: str, 
     }
 
 
+def check_estimator(runs: list[dict], entry: dict) -> None:
+    """Raise ValueError unless the other seeds in runs were scored by the estimator of entry.
+
+    The record's val_loss and val_bpb are means over seeds, so they must all come from one estimator.
+    """
+    others = sorted({str(run["estimator"]) for run in runs if run["seed"] != entry["seed"]})
+    if others and others != [str(entry["estimator"])]:
+        raise ValueError(
+            f"seed {entry['seed']} was scored by estimator {entry['estimator']}, but the folder's other seeds by "
+            f"{', '.join(others)}, and the record averages val_bpb over seeds. Nothing was written to RECORD_DIR: rerun "
+            f"with EVAL_METHOD set as in those runs (its first method is the estimator), or {NEW_FOLDER_HINT}"
+        )
+
+
+def record_texts(args, stored: dict, env=os.environ) -> dict[str, str]:
+    """Return author, github_id, name and blurb: this run's where its env var is set, else the folder's stored ones.
+
+    So a later seed run without the RECORD_* texts keeps those of the earlier runs. When RECORD_NAME is
+    empty and nothing is stored, the name is args.record_name, which train_mdlm.py sets to the folder's name.
+    """
+    texts = {}
+    for field, (attribute, variable) in TEXT_SETTINGS.items():
+        value = getattr(args, attribute)
+        texts[field] = value if env.get(variable, "").strip() else stored.get(field) or value
+    return texts
+
+
 def merge_runs(runs: list[dict], entry: dict) -> list[dict]:
     """Add entry to runs, replacing an earlier run of the same seed, and sort them by seed."""
     other_seeds = [run for run in runs if run["seed"] != entry["seed"]]
@@ -150,7 +205,7 @@ def merge_runs(runs: list[dict], entry: dict) -> list[dict]:
 
 
 def mean_and_std(values: list[float]) -> tuple[float, float | None]:
-    """Return the mean and sample standard deviation (n − 1 in the denominator); the deviation is None for one value."""
+    """Return the mean and sample standard deviation (n − 1 in the denominator). The deviation is None for one value."""
     std = statistics.stdev(values) if len(values) > 1 else None
     return statistics.fmean(values), std
 
@@ -183,17 +238,10 @@ def build_submission(runs: list[dict], texts: dict[str, str], date: str) -> dict
     return submission
 
 
-def longest_backtick_run(text: str) -> int:
-    longest = current = 0
-    for char in text:
-        current = current + 1 if char == "`" else 0
-        longest = max(longest, current)
-    return longest
-
-
 def fenced(text: str, language: str = "") -> str:
     """Wrap text in a Markdown code block whose fence is longer than any run of backticks in text."""
-    fence = "`" * max(3, longest_backtick_run(text) + 1)
+    max_backtick_run = max(map(len, re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, max_backtick_run + 1)
     return f"{fence}{language}\n{text}\n{fence}"
 
 
@@ -225,13 +273,14 @@ def results_table(submission: dict) -> list[str]:
 
 
 def eval_methods_table(runs: list[dict]) -> list[str]:
-    """Format the eval_method lines as a Markdown table, one row per seed and method; [] when the logs have none."""
+    """Format the eval_method lines as a Markdown table, one row per seed and method. Return [] when the logs have none."""
     rows = [(run["seed"], method) for run in runs for method in run["eval_methods"]]
     if not rows:
         return []
     lines = ["| seed | method | val_loss | val_bpb | stderr |", "| ---: | --- | ---: | ---: | ---: |"]
     for seed, method in rows:
-        lines.append(f"| {seed} | {method.get('eval_method')} | {method.get('val_loss')} | {method.get('val_bpb')} | {method.get('stderr', '')} |")
+        numbers = [format_number(method.get(key), 8) for key in ("val_loss", "val_bpb", "stderr")]
+        lines.append(f"| {seed} | {method.get('eval_method')} | {' | '.join(numbers)} |")
     return lines
 
 
@@ -300,7 +349,7 @@ def build_readme(folder: Path, submission: dict, png_written: bool) -> str:
 
 
 def render_curves(folder: Path, runs: list[dict]) -> bool:
-    """Draw loss_curves.png from every seed's log; False, drawing nothing, when matplotlib cannot be imported."""
+    """Draw loss_curves.png from every seed's log and return True. Return False and draw nothing when matplotlib cannot be imported."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -311,28 +360,30 @@ def render_curves(folder: Path, runs: list[dict]) -> bool:
     return True
 
 
-def write_record(args, runtime, code: str, steps: int, env=os.environ) -> str:
-    """Write or update the record folder RECORD_DIR with this run; return a key:value line for the log.
+def write_record(args, runtime, code: str, steps: int) -> str:
+    """Write or update the record folder RECORD_DIR with this run, and return a key:value line for the log.
 
-    args is the run's Hyperparameters and runtime its Runtime; the log is read from logs/<RUN_ID>.txt,
-    the path train_mdlm.py writes it to.
+    args is the run's Hyperparameters and runtime its Runtime. The log is read from logs/<RUN_ID>.txt,
+    the path train_mdlm.py writes it to. The RECORD_* texts and command come from os.environ.
     """
     folder = Path(args.record_dir)
     log_text = last_run_text((Path("logs") / f"{args.run_id}.txt").read_text(encoding="utf-8"), code)
     date = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     log_name = f"train_seed{args.seed}.log"
     entry = seed_entry(
-        parse_run(log_text), args.seed, steps, describe_hardware(runtime), run_command(type(args), runtime, env), log_name, date
+        parse_run(log_text), args.seed, steps, describe_hardware(runtime), run_command(type(args), runtime), log_name, date
     )
-    runs = merge_runs(load_runs(folder), entry)
+    stored = load_submission(folder)
+    stored_runs = stored["extras"]["runs"] if stored else []
+    check_estimator(stored_runs, entry)  # before anything is written
+    runs = merge_runs(stored_runs, entry)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / SCRIPT_NAME).write_text(code, encoding="utf-8")
     (folder / log_name).write_text(log_text, encoding="utf-8")
-    texts = {"author": args.record_author, "github_id": args.record_github_id, "name": args.record_name, "blurb": args.record_blurb}
-    submission = build_submission(runs, texts, date)
+    submission = build_submission(runs, record_texts(args, stored), date)
     (folder / SUBMISSION_NAME).write_text(json.dumps(submission, indent=2) + "\n", encoding="utf-8")
     png_written = render_curves(folder, runs)
-    (folder / "README.md").write_text(build_readme(folder, submission, png_written), encoding="utf-8")
+    (folder / README_NAME).write_text(build_readme(folder, submission, png_written), encoding="utf-8")
     std = submission["extras"]["val_bpb_std"]
     return (
         f"record:written dir:{folder} seeds:{len(runs)} val_bpb_mean:{submission['val_bpb']:.8f} "

@@ -22,11 +22,14 @@ def last_run_text(text: str, code: str | None = None) -> str:
     if code is not None:
         start = text.rfind(code + "\n" + SEPARATOR + "\n")
         if start < 0:
-            raise ValueError("the log does not contain a run of this script")
+            raise ValueError(
+                f"the log contains no run of this script (its source followed by a line of {len(SEPARATOR)} '='): "
+                "pass the log file that this script wrote"
+            )
         return text[start:]
     start = text.rfind("\n" + SEPARATOR + "\n")
     if start < 0:
-        raise ValueError("the log has no separator line after the script's source")
+        raise ValueError(f"the log has no line of {len(SEPARATOR)} '=' after the script's source: pass a log file that train_mdlm.py wrote")
     return text[start + 1 :]
 
 
@@ -46,16 +49,18 @@ def milliseconds(value: str) -> float:
     return float(value.removesuffix("ms"))
 
 
-def parse_number(value: str) -> float | str:
-    """Parse a field value as a float where it is one, and keep other text (such as 1234ms) unchanged."""
-    try:
-        return float(value)
-    except ValueError:
-        return value
+def parse_number(value: str) -> int | float | str:
+    """Parse a field value as an int (such as 8) or a float (such as 5.32446840). Return other text (such as 1234ms) unchanged."""
+    for number_type in (int, float):
+        try:
+            return number_type(value)
+        except ValueError:
+            pass
+    return value
 
 
 def parse_size_line(line: str) -> tuple[str, int] | None:
-    """Parse a size line such as "Code size: 56540 bytes" into its label and byte count; None for other lines."""
+    """Parse a size line such as "Code size: 56540 bytes" into its label and byte count. Return None for other lines."""
     label, separator, value = line.partition(": ")
     if not separator or not value.endswith(" bytes"):
         return None
@@ -93,13 +98,12 @@ class RunLog:
     """Events of one run, with numbers as the log printed them."""
 
     seed: int | None = None
-    hardware: dict[str, str] = field(default_factory=dict)  # the python:… torch:… device:… world_size:… line
     train: list[TrainPoint] = field(default_factory=list)
     val: list[ValPoint] = field(default_factory=list)
     final: dict[str, str] = field(default_factory=dict)  # final_int8_*_roundtrip line
     exact: dict[str, str] = field(default_factory=dict)  # final_int8_*_roundtrip_exact line
     sizes: dict[str, int] = field(default_factory=dict)  # label of each size line -> bytes
-    eval_methods: list[dict[str, float | str]] = field(default_factory=list)
+    eval_methods: list[dict[str, int | float | str]] = field(default_factory=list)
     samples: list[dict] = field(default_factory=list)
     stop_ms: float | None = None  # train_time of the stopping_early line, when the wallclock cap ended training
 
@@ -111,7 +115,7 @@ class RunLog:
         return self.train[-1].train_ms if self.train else None
 
     def size(self, label_start: str) -> int | None:
-        """Bytes of the first size line whose label starts with label_start."""
+        """Return the bytes of the first size line whose label starts with label_start, or None when there is none."""
         return next((size for label, size in self.sizes.items() if label.startswith(label_start)), None)
 
 
@@ -141,8 +145,6 @@ def parse_run(text: str) -> RunLog:
             parse_step_line(fields, run)
         elif name.startswith("stopping_early:"):
             run.stop_ms = milliseconds(fields["train_time"])
-        elif name.startswith("python:") and "world_size" in fields:
-            run.hardware = fields
         elif "seed" in fields and run.seed is None:
             run.seed = int(fields["seed"])
         elif (size := parse_size_line(line)) is not None:

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import sentencepiece as spm
+import torch
 
 import train_mdlm
-from conftest import REPO, SCRIPT, TOKENIZER, run_script, script_env
+from conftest import REPO, SCRIPT, TOKENIZER, expect_input_error, run_script, script_env
 
 sys.path.insert(0, str(REPO / "records"))
-from record_writer import build_readme, mean_and_std, merge_runs, render_curves  # noqa: E402
-from run_log import SEPARATOR, last_run_text  # noqa: E402
+from record_writer import build_readme, check_record_dir, mean_and_std, merge_runs, render_curves, write_record  # noqa: E402
+from run_log import SEPARATOR, last_run_text, parse_number  # noqa: E402
 
 RECORD = "records/track_non_record_16mb/2026-01-01_tiny"
 RECORD_ENV = {
@@ -202,12 +205,8 @@ def test_record_dir_of_other_script_rejected(monkeypatch, tmp_path, tiny_data):
     folder = tmp_path / "record"
     folder.mkdir()
     (folder / "train_mdlm.py").write_text("print('another script')\n")
-    for name, value in script_env(tiny_data, RECORD_DIR=str(folder)).items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(train_mdlm.InputError, match=f"RECORD_DIR={folder} is unusable .* is a different script"):
-        train_mdlm.main()
+    text = expect_input_error(monkeypatch, tmp_path, script_env(tiny_data, RECORD_DIR=str(folder)), "is a different script")
+    assert text.startswith(f"RECORD_DIR={folder} is unusable")
     assert not (tmp_path / "logs").exists()  # stopped before the logger started
 
 
@@ -222,3 +221,97 @@ def test_missing_record_writer_rejected(tmp_path, tiny_data):
     assert "No module named 'record_writer'" in result.stderr
     assert "step:" not in result.stdout
     assert not (tmp_path / "record").exists()
+
+
+def test_record_dir_with_foreign_readme_rejected(tmp_path):
+    (tmp_path / "README.md").write_text("# Another project\n")
+    with pytest.raises(ValueError, match="choose a new RECORD_DIR such as records/track_non_record_16mb/<date>_<name>"):
+        check_record_dir(str(tmp_path), "print('a script')\n")
+    assert (tmp_path / "README.md").read_text() == "# Another project\n"
+    # RECORD_DIR=. and RECORD_DIR=records from the repository root, whose README.md the record would overwrite.
+    with pytest.raises(ValueError, match="without a submission.json"):
+        check_record_dir(str(REPO), SCRIPT.read_text())
+    with pytest.raises(ValueError, match="without a submission.json"):
+        check_record_dir(str(REPO / "records"), SCRIPT.read_text())
+
+
+FAKE_CODE = "print('a finished run')\n"
+
+
+def write_fake_record(monkeypatch, workdir: Path, seed: int, estimator: str, **texts: str) -> str:
+    """Call write_record as train_mdlm.main() does after training, on a made-up log of a finished run into workdir/record."""
+    env = script_env(workdir, SEED=str(seed), RUN_ID=f"fake{seed}", RECORD_DIR="record", EVAL_METHOD=estimator, **texts)
+    for name in set(os.environ) - set(env):
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(workdir)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # no PNG of the made-up log
+    lines = [
+        f"train_batch_tokens:4096 seed:{seed}",
+        f"final_int8_zlib_roundtrip val_loss:5.3245 val_bpb:3.1000 eval_time:5ms estimator:{estimator} kind:bound",
+        "final_int8_zlib_roundtrip_exact val_loss:5.32446840 val_bpb:3.10000000",
+        f"eval_method:{estimator} val_loss:5.32446840 val_bpb:3.10000000 stderr:0.01000000 passes_per_seq:8 eval_time:5ms",
+        "Serialized model int8+zlib: 1000 bytes",
+        f"Code size: {len(FAKE_CODE)} bytes",
+        f"Total submission size int8+zlib: {1000 + len(FAKE_CODE)} bytes",
+    ]
+    (workdir / "logs").mkdir(exist_ok=True)
+    (workdir / "logs" / f"fake{seed}.txt").write_text(FAKE_CODE + "\n" + SEPARATOR + "\n" + "\n".join(lines) + "\n")
+    runtime = SimpleNamespace(device=torch.device("cpu"), world_size=1)
+    return write_record(train_mdlm.Hyperparameters(), runtime, FAKE_CODE, steps=6)
+
+
+def test_other_estimator_rejected_before_writing(monkeypatch, tmp_path):
+    write_fake_record(monkeypatch, tmp_path, 1, "elbo")
+    folder = tmp_path / "record"
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    with pytest.raises(ValueError, match="seed 2 was scored by estimator trap8, but the folder's other seeds by elbo"):
+        write_fake_record(monkeypatch, tmp_path, 2, "trap8")
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    code = (folder / "train_mdlm.py").read_text()
+    with pytest.raises(ValueError, match="seed 2 was scored by estimator trap8"):
+        check_record_dir(str(folder), code, 2, "trap8")  # the same check, before training
+    check_record_dir(str(folder), code, 2, "elbo")
+    # A rerun of the only seed replaces its entry, so it may change the estimator.
+    assert write_fake_record(monkeypatch, tmp_path, 1, "trap8").startswith("record:written dir:record seeds:1 ")
+    assert json.loads((folder / "submission.json").read_text())["extras"]["estimator"] == "trap8"
+
+
+def test_later_seed_keeps_stored_texts(monkeypatch, tmp_path):
+    write_fake_record(monkeypatch, tmp_path, 1, "elbo")
+    path = tmp_path / "record" / "submission.json"
+    first = json.loads(path.read_text())
+    assert first["name"] == "record"  # the folder's name when RECORD_NAME is empty
+    assert first["author"] == ""
+    texts = {"RECORD_AUTHOR": "Ada", "RECORD_GITHUB_ID": "ada", "RECORD_NAME": "Tiny", "RECORD_BLURB": "A blurb."}
+    write_fake_record(monkeypatch, tmp_path, 2, "elbo", **texts)
+    write_fake_record(monkeypatch, tmp_path, 3, "elbo")
+    after_third_seed = json.loads(path.read_text())
+    assert after_third_seed["author"] == "Ada"
+    assert after_third_seed["github_id"] == "ada"
+    assert after_third_seed["name"] == "Tiny"
+    assert after_third_seed["blurb"] == "A blurb."
+    write_fake_record(monkeypatch, tmp_path, 4, "elbo", RECORD_NAME="Renamed")
+    renamed = json.loads(path.read_text())
+    assert renamed["name"] == "Renamed"
+    assert renamed["author"] == "Ada"
+    assert renamed["extras"]["seeds"] == [1, 2, 3, 4]
+
+
+def test_estimator_table_keeps_log_digits(monkeypatch, tmp_path):
+    write_fake_record(monkeypatch, tmp_path, 1, "elbo")
+    folder = tmp_path / "record"
+    (method,) = json.loads((folder / "submission.json").read_text())["extras"]["runs"][0]["eval_methods"]
+    assert method["passes_per_seq"] == 8
+    assert isinstance(method["passes_per_seq"], int)
+    assert method["val_loss"] == 5.3244684
+    assert method["eval_time"] == "5ms"
+    assert "| 1 | elbo | 5.32446840 | 3.10000000 | 0.01000000 |" in (folder / "README.md").read_text()
+
+
+def test_parse_number_keeps_type():
+    cases = [("8", 8, int), ("-3", -3, int), ("5.32446840", 5.3244684, float), ("1e-3", 0.001, float), ("1234ms", "1234ms", str)]
+    for text, expected, expected_type in cases:
+        assert parse_number(text) == expected, text
+        assert type(parse_number(text)) is expected_type, text
