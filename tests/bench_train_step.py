@@ -1,4 +1,4 @@
-"""Benchmark train_mdlm.py's training step and evaluation forward pass; print one key:value line per figure.
+"""Benchmark train_mdlm.py's training step and evaluation forward pass, and print one key:value line per figure.
 
 The shape, the batch and the runtime come from the script's own environment variables (NUM_LAYERS,
 MODEL_DIM, TRAIN_SEQ_LEN, TRAIN_BATCH_TOKENS, MICRO_BATCH_TOKENS, EVAL_BATCH_TOKENS, TORCH_COMPILE, DEVICE
@@ -10,16 +10,17 @@ Pytest does not collect this file (its name does not start with test_). From the
 
 Model FLOPs per token are counted from the shapes, dense over every position: 2 per weight of every
 matmul in every block application (the loop included) and in the head, plus 4·L·d per block application
-for attention's scores and value products at length L and width d; a training token costs 3 times that
+for attention's scores and value products at length L and width d. A training token costs 3 times that
 (forward, and a backward of twice the forward). The script's step is also timed against a plain eager
-step of the same model written out below, in alternating pairs, so that the ratio holds on a busy machine.
+step of the same model written out below, in alternating pairs, so that load changes on a busy machine
+affect both steps alike.
 """
 
 from __future__ import annotations
 
 import copy
 import glob
-import math
+import itertools
 import os
 import resource
 import statistics
@@ -52,17 +53,13 @@ class BenchSettings:
 # -----------------------------
 
 
-def block_applications(args) -> int:
-    return args.num_layers + (args.loop_end - args.loop_start) * args.loop_extra
-
-
-def forward_flops_per_token(args) -> int:
-    """Dense forward FLOPs per position: matmul weights of every block application and the head, plus attention."""
+def forward_flops_per_token(args, block_applications: int) -> int:
+    """Count dense forward FLOPs per position: matmul weights of every block application and the head, plus attention."""
     dim = args.model_dim
     kv_dim = args.num_kv_heads * (dim // args.num_heads)
-    block_weights = 2 * dim * dim + 2 * dim * kv_dim + 2 * args.mlp_mult * dim * dim  # q, proj; k, v; fc, proj
-    matmul_weights = block_applications(args) * block_weights + args.vocab_size * dim
-    attention = block_applications(args) * 4 * args.train_seq_len * dim
+    block_weights = 2 * dim * dim + 2 * dim * kv_dim + 2 * args.mlp_mult * dim * dim  # q and proj, k and v, fc and proj
+    matmul_weights = block_applications * block_weights + args.vocab_size * dim
+    attention = block_applications * 4 * args.train_seq_len * dim
     return 2 * matmul_weights + attention
 
 
@@ -79,7 +76,7 @@ def plain_fake_quantize(w: torch.Tensor) -> torch.Tensor:
 
 
 def plain_rotary(x: torch.Tensor, base: float) -> torch.Tensor:
-    """RoPE on (batch, heads, length, head_dim): rotate the pairs (i, i + head_dim/2) by position·base^(−2i/head_dim)."""
+    """Apply RoPE to (batch, heads, length, head_dim) by rotating the pairs (i, i + head_dim/2) by position·base^(−2i/head_dim)."""
     length, head_dim = x.size(2), x.size(3)
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=x.device) / head_dim)
     angles = torch.outer(torch.arange(length, dtype=torch.float32, device=x.device), inv_freq)
@@ -135,7 +132,7 @@ class PlainModel:
         return args.logit_softcap * torch.tanh(logits / args.logit_softcap)
 
     def loss(self, x0: torch.Tensor) -> torch.Tensor:
-        """Dense MDLM loss: cross-entropy at every position, masked, weighted by 1/t, over B·L positions."""
+        """Compute the dense MDLM loss: cross-entropy at every position, masked, weighted by 1/t, averaged over B·L positions."""
         eps, batch = self.args.noise_eps, x0.size(0)
         t = eps + (1 - eps) * torch.rand((batch + 1) // 2, device=x0.device)
         t = torch.cat((t, 1 + eps - t))[:batch]
@@ -160,10 +157,11 @@ def plain_newton_schulz(g: torch.Tensor, steps: int) -> torch.Tensor:
 class PlainStep:
     """One optimizer step of a private copy of the model: the plain loss, Adam and a per-matrix Muon loop."""
 
-    def __init__(self, model, args, runtime, loader, qat: bool):
+    def __init__(self, model, args, runtime, loader, accum_steps: int, qat: bool):
         self.model = copy.deepcopy(model)
-        self.plain = PlainModel(self.model, args, qat)
+        self.plain_model = PlainModel(self.model, args, qat)
         self.args, self.runtime, self.loader = args, runtime, loader
+        self.accum_steps = accum_steps
         self.matrices, adam_embed, adam_scalar = [], [], []
         for name, p in self.model.named_parameters():
             if name == "tok_emb.weight":
@@ -175,13 +173,12 @@ class PlainStep:
         groups = [dict(params=adam_embed, lr=args.embed_lr), dict(params=adam_scalar, lr=args.scalar_lr)]
         self.adam = torch.optim.Adam(groups, betas=(args.beta1, args.beta2), eps=args.adam_eps, foreach=False, fused=False)
         self.buffers = [torch.zeros_like(p) for p in self.matrices]
-        _, self.accum_steps = args.check_batch(1)
 
     def __call__(self) -> None:
         args = self.args
         for micro in self.loader.next_batch().chunk(self.accum_steps):
             with self.runtime.autocast():
-                loss = self.plain.loss(micro)
+                loss = self.plain_model.loss(micro)
             (loss / self.accum_steps).backward()
         self.adam.step()
         with torch.no_grad():
@@ -201,8 +198,8 @@ class PlainStep:
 class SyntheticLoader:
     """Uniform random tokens made on the device, for a DATA_PATH without shards."""
 
-    def __init__(self, args, device):
-        self.shape = (args.check_batch(1)[0], args.train_seq_len)
+    def __init__(self, args, seqs_per_rank: int, device):
+        self.shape = (seqs_per_rank, args.train_seq_len)
         self.vocab_size, self.device = args.vocab_size, device
 
     def next_batch(self) -> torch.Tensor:
@@ -217,15 +214,21 @@ def timed_ms(fn, runtime) -> float:
     return 1000.0 * (time.perf_counter() - start)
 
 
+def reset_peak_memory(runtime) -> None:
+    """Reset CUDA's memory high-water mark. The CPU figure, the process's peak RSS, has no reset."""
+    if runtime.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(runtime.device)
+
+
 def peak_memory_mib(runtime) -> float:
-    """Device memory high-water mark since the last reset on CUDA; the process's peak RSS on the CPU."""
+    """Return the device memory high-water mark since the last reset on CUDA, or the process's peak RSS on the CPU."""
     if runtime.device.type == "cuda":
         return torch.cuda.max_memory_allocated(runtime.device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def flash_attention_available(args, runtime) -> bool:
-    """Whether SDPA's flash kernel takes this shape's q, k, v (bf16, GQA); a probe with only that kernel allowed."""
+    """Probe whether SDPA's flash kernel takes this shape's q, k, v (bf16, GQA) by running with only that kernel allowed."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     head_dim = args.model_dim // args.num_heads
@@ -243,11 +246,23 @@ def report(name: str, value) -> None:
     print(f"{name}:{value:.4g}" if isinstance(value, float) else f"{name}:{value}", flush=True)
 
 
-def make_loader_factory(args, runtime):
+def report_throughput(phase: str, unit: str, tokens: int, ms: float, flops_per_token: int, settings, runtime) -> None:
+    """Report the tokens and median ms per unit, then tokens/s, FLOPs per token, TFLOP/s, MFU and peak memory."""
+    tokens_per_s = tokens / (ms / 1000.0)
+    tflops_per_s = flops_per_token * tokens_per_s / 1e12
+    report(f"{phase}_tokens_per_{unit}", tokens)
+    report(f"{phase}_ms_per_{unit}", ms)
+    report(f"{phase}_tokens_per_s", tokens_per_s)
+    report(f"{phase}_flops_per_token", flops_per_token)
+    report(f"{phase}_tflops_per_s", tflops_per_s)
+    report(f"{phase}_mfu", tflops_per_s / settings.peak_tflops)
+    report(f"{phase}_peak_memory_mib", peak_memory_mib(runtime))
+
+
+def make_loader_factory(args, runtime, seqs_per_rank: int):
     train_files = sorted(glob.glob(args.train_files))
-    seqs_per_rank, _ = args.check_batch(1)
     if not train_files:
-        return "synthetic", lambda: SyntheticLoader(args, runtime.device)
+        return "synthetic", lambda: SyntheticLoader(args, seqs_per_rank, runtime.device)
     train_mdlm.check_shards(train_files, args.vocab_size)
     return "shards", lambda: train_mdlm.TrainLoader(train_files, 0, 1, seqs_per_rank, args.train_seq_len, runtime.device)
 
@@ -261,23 +276,25 @@ def bench_training(trainer, settings, args, runtime):
         trainer.model.set_qat(True)
         trainer.ema = train_mdlm.EMA(trainer.model, args.ema_decay)
 
+    step_indices = itertools.count()
+
     def step() -> None:
-        trainer.train_step(step_index[0], 1.0)
+        trainer.train_step(next(step_indices), 1.0)
         if trainer.ema is not None:
             trainer.ema.update()
-        step_index[0] += 1
 
-    step_index = [0]
     for _ in range(settings.warmup_steps):
         step()
-    if runtime.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(runtime.device)
+    reset_peak_memory(runtime)
     return [timed_ms(step, runtime) for _ in range(settings.steps)], step
 
 
 @torch.no_grad()
 def bench_evaluation(model, settings, args, runtime) -> tuple[int, float]:
-    """Time forward passes of EVAL_BATCH_TOKENS tokens at mask rate 0.5, compiled when training is; returns (tokens, median ms)."""
+    """Time forward passes of EVAL_BATCH_TOKENS tokens at mask rate 0.5, compiled when training is.
+
+    Returns the tokens per pass and the median ms per pass.
+    """
     scorer = torch.compile(model) if runtime.compile else model
     seqs = max(args.eval_batch_tokens // args.train_seq_len, 1)
     x0 = torch.randint(0, args.vocab_size, (seqs, args.train_seq_len), device=runtime.device)
@@ -299,67 +316,54 @@ def main() -> None:
     settings = BenchSettings()
     os.environ.pop("WORLD_SIZE", None)  # one process, even under a WORLD_SIZE set by torchrun or the shell
     args = train_mdlm.Hyperparameters()
-    seqs_per_rank, _ = args.check_batch(1)
+    seqs_per_rank, _ = args.check_batch(1)  # raises InputError before the runtime starts
     runtime = train_mdlm.init_runtime(args)
-    data, loader_factory = make_loader_factory(args, runtime)
+    data, loader_factory = make_loader_factory(args, runtime, seqs_per_rank)
     torch.manual_seed(args.seed)
     model = train_mdlm.build_model(args, runtime)
     train_model = train_mdlm.build_train_model(model, args, runtime)
     trainer = Trainer(args, runtime, model, train_model, loader_factory, None, lambda message, console=True: None)
 
-    tokens_per_step = seqs_per_rank * args.train_seq_len
-    train_flops = 3 * forward_flops_per_token(args)
+    block_applications = len(model.block_schedule())
+    forward_flops = forward_flops_per_token(args, block_applications)
     report("device", runtime.device.type)
     report("compile", int(runtime.compile))
     report("data", data)
     report("late_phase", settings.late_phase)
-    report("block_applications", block_applications(args))
+    report("block_applications", block_applications)
     report("peak_tflops", settings.peak_tflops)
     if runtime.device.type == "cuda":
         report("flash_attention", int(flash_attention_available(args, runtime)))
 
     step_times, our_step = bench_training(trainer, settings, args, runtime)
-    step_ms = statistics.median(step_times)
-    tokens_per_s = tokens_per_step / (step_ms / 1000.0)
-    report("train_tokens_per_step", tokens_per_step)
-    report("train_ms_per_step", step_ms)
-    report("train_tokens_per_s", tokens_per_s)
-    report("train_flops_per_token", train_flops)
-    report("train_tflops_per_s", train_flops * tokens_per_s / 1e12)
-    report("train_mfu", train_flops * tokens_per_s / 1e12 / settings.peak_tflops)
-    report("train_peak_memory_mib", peak_memory_mib(runtime))
+    train_tokens = trainer.seqs_per_rank * args.train_seq_len
+    report_throughput("train", "step", train_tokens, statistics.median(step_times), 3 * forward_flops, settings, runtime)
 
-    if runtime.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(runtime.device)
+    reset_peak_memory(runtime)
     eval_tokens, eval_ms = bench_evaluation(model, settings, args, runtime)
-    eval_tokens_per_s = eval_tokens / (eval_ms / 1000.0)
-    eval_flops = forward_flops_per_token(args)
-    report("eval_tokens_per_pass", eval_tokens)
-    report("eval_ms_per_pass", eval_ms)
-    report("eval_tokens_per_s", eval_tokens_per_s)
-    report("eval_flops_per_token", eval_flops)
-    report("eval_tflops_per_s", eval_flops * eval_tokens_per_s / 1e12)
-    report("eval_mfu", eval_flops * eval_tokens_per_s / 1e12 / settings.peak_tflops)
-    report("eval_peak_memory_mib", peak_memory_mib(runtime))
+    # NOTE: on the CPU eval_peak_memory_mib is the process's peak RSS, which has no reset, so it includes training.
+    report_throughput("eval", "pass", eval_tokens, eval_ms, forward_flops, settings, runtime)
 
     if settings.reference:
         bench_reference(trainer, our_step, settings, args, runtime, loader_factory)
 
 
 def bench_reference(trainer, our_step, settings, args, runtime, loader_factory) -> None:
-    """Time the plain step against the script's step in alternating pairs; report the median time ratio."""
-    plain = PlainStep(trainer.model, args, runtime, loader_factory(), qat=bool(settings.late_phase))
+    """Time the plain step against the script's step in alternating pairs, and report the median time ratio."""
+    qat = bool(settings.late_phase)
+    plain = PlainStep(trainer.model, args, runtime, loader_factory(), trainer.accum_steps, qat=qat)
     x_t = torch.randint(0, args.vocab_size + 1, (2, args.train_seq_len), device=runtime.device)
     with torch.no_grad():
-        difference = (plain.plain.logits(x_t) - plain.model(x_t)).abs().max().item()
+        difference = (plain.plain_model.logits(x_t) - plain.model(x_t)).abs().max().item()
     for _ in range(settings.warmup_steps):
         plain()
+    steps = {"ours": our_step, "plain": plain}
     ours, theirs, ratios = [], [], []
     for i in range(settings.steps):
-        first, second = (our_step, plain) if i % 2 == 0 else (plain, our_step)
-        times = {id(first): timed_ms(first, runtime), id(second): timed_ms(second, runtime)}
-        ours.append(times[id(our_step)])
-        theirs.append(times[id(plain)])
+        order = ("ours", "plain") if i % 2 == 0 else ("plain", "ours")
+        times = {name: timed_ms(steps[name], runtime) for name in order}
+        ours.append(times["ours"])
+        theirs.append(times["plain"])
         ratios.append(ours[-1] / theirs[-1])
     report("reference_max_logit_difference", difference)
     report("reference_ms_per_step", statistics.median(theirs))

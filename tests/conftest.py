@@ -19,8 +19,8 @@ TOKENIZER = REPO / "data" / "tokenizers" / "fineweb_1024_bpe.model"
 sys.path.insert(0, str(REPO))
 import train_mdlm  # noqa: E402
 
-# A model small enough to train for 60 steps in about 15 seconds on two CPU cores, with the default
-# layout: encoder half of 2 blocks, blocks 1..1 looped once, skips, grouped-query attention.
+# A model small enough to train for 60 steps in about 15 seconds on two CPU cores, with every part of
+# the default layout: an encoder half of 2 blocks, block 1 run once more, 2 U-Net skips and GQA.
 TINY_ENV = {
     "NUM_LAYERS": "4",
     "MODEL_DIM": "64",
@@ -73,17 +73,29 @@ def tiny_data(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("tiny_data"))
 
 
+# Every env var the script reads, so that a developer's shell settings cannot leak into a test.
+SCRIPT_ENV_NAMES = set(re.findall(r'"([A-Z][A-Z0-9_]+)"', SCRIPT.read_text())) | {"DEVICE", "RANK", "WORLD_SIZE", "LOCAL_RANK"}
+
+
 def script_env(data: Path, **overrides: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in train_mdlm_env_names()}
+    env = {k: v for k, v in os.environ.items() if k not in SCRIPT_ENV_NAMES}
     env.update(TINY_ENV)
     env.update(DATA_PATH=str(data), TOKENIZER_PATH=str(TOKENIZER), RUN_ID="test", OMP_NUM_THREADS="1")
     env.update(overrides)
     return env
 
 
-def train_mdlm_env_names() -> set[str]:
-    """Every env var the script reads, so a developer's shell settings cannot leak into a test."""
-    return set(re.findall(r'"([A-Z][A-Z0-9_]+)"', SCRIPT.read_text())) | {"DEVICE", "RANK", "WORLD_SIZE", "LOCAL_RANK"}
+def expect_input_error(monkeypatch, workdir: Path, env: dict[str, str], message: str) -> str:
+    """Run main() in-process with exactly env's script settings; return the InputError text, which must contain message."""
+    for name in SCRIPT_ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(workdir)
+    with pytest.raises(train_mdlm.InputError) as error:
+        train_mdlm.main()
+    assert message in str(error.value)
+    return str(error.value)
 
 
 def run_script(env: dict[str, str], cwd: Path, nproc: int | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

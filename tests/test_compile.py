@@ -37,16 +37,19 @@ def test_qat_switch_is_the_only_recompile():
     objective = DiffusionObjective(model, ARGS.noise_eps)
     counter = CompileCounterWithBackend("aot_eager")  # AOTAutograd traces the backward as well
     compiled = torch.compile(objective, backend=counter, fullgraph=True, dynamic=False)
-    weight = model.blocks[1].attn.proj.weight  # a loop block's; zero at init, but its gradient is not
+    weight = model.blocks[1].attn.proj.weight  # block 1 is looped. Its proj weight starts at zero, its gradient does not.
     # Two micro-batches cut from one batch, as Trainer.micro_batches does: views at different offsets.
-    batch, (t, u) = torch.randint(0, 1024, (8, 16)), draw_mask_noise(0, 1, 8, 16, ARGS.noise_eps, "cpu")
-    for qat, micro in zip((False, False, True, True), [*zip(batch.chunk(2), t.chunk(2), u.chunk(2))] * 2):
+    batch = torch.randint(0, 1024, (8, 16))
+    t, u = draw_mask_noise(0, 1, 8, 16, ARGS.noise_eps, "cpu")
+    micro_batches = list(zip(batch.chunk(2), t.chunk(2), u.chunk(2)))
+    for qat in (False, True):
         model.set_qat(qat)
-        compiled(*micro).backward()
-        compiled_grad = weight.grad.clone()
-        model.zero_grad()
-        objective(*micro).backward()
-        assert compiled_grad.abs().sum() > 0
-        assert torch.allclose(compiled_grad, weight.grad, atol=1e-6)  # the counted graphs are the step
-        model.zero_grad()
+        for micro in micro_batches:
+            compiled(*micro).backward()
+            compiled_grad = weight.grad.clone()
+            model.zero_grad()
+            objective(*micro).backward()
+            assert compiled_grad.abs().sum() > 0
+            assert torch.allclose(compiled_grad, weight.grad, atol=1e-6)  # the counted graphs are the step
+            model.zero_grad()
     assert counter.frame_count == 2

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
-import train_mdlm
-from conftest import TOKENIZER, make_dataset, run_script, sample_tokens, script_env, write_shard
+from conftest import expect_input_error, make_dataset, run_script, sample_tokens, script_env, write_shard
 
 
 @pytest.fixture
@@ -14,20 +15,7 @@ def data(tmp_path):
     return make_dataset(tmp_path / "data", train_tokens=8192, val_tokens=1024)
 
 
-def expect_input_error(monkeypatch, tmp_path, env: dict[str, str], message: str) -> str:
-    """Run main() in-process with env and return the InputError text, which must contain message."""
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    for name in ("RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(train_mdlm.InputError) as error:
-        train_mdlm.main()
-    assert message in str(error.value)
-    return str(error.value)
-
-
-def test_cli_prints_one_error_line_and_exits_2(tmp_path, data):
+def test_cli_error_is_one_line(tmp_path, data):
     result = run_script(script_env(data, ITERATIONS="many"), tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: ITERATIONS='many' is not an integer"]
@@ -114,6 +102,6 @@ def test_shards_from_another_tokenizer(monkeypatch, tmp_path, data):
 
 
 def test_zstd_requested_without_package(monkeypatch, tmp_path, data):
-    monkeypatch.setitem(__import__("sys").modules, "zstandard", None)  # import now raises ImportError
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # import now raises ImportError
     expect_input_error(monkeypatch, tmp_path, script_env(data, EXPORT_COMPRESSOR="zstd"), "pip install zstandard")
 

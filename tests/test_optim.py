@@ -62,7 +62,7 @@ def test_muon_step_matches_definition():
     assert torch.allclose(w.detach(), expected, atol=1e-6)
 
 
-def test_optimizer_groups():
+def test_optimizers_split_matrices_and_scalars():
     model = DiffusionTransformer(make_args(EMBED_LR="0.5", SCALAR_LR="0.25", MATRIX_LR="0.125"))
     embed, scalar, muon = build_optimizers(model, make_args(EMBED_LR="0.5", SCALAR_LR="0.25", MATRIX_LR="0.125"))
     assert embed.param_groups[0]["params"] == [model.tok_emb.weight]
@@ -117,7 +117,7 @@ def test_muon_momentum_warmup():
     assert muon_momentum(5000, args) == pytest.approx(0.95)
 
 
-def test_ema_arithmetic():
+def test_ema_averages_weights():
     layer = torch.nn.Linear(3, 2, bias=False)
     with torch.no_grad():
         layer.weight.fill_(1.0)
@@ -145,7 +145,8 @@ def muon_worker(rank: int, world_size: int, store_path: str, grads: list[torch.T
 
 def test_muon_split_across_ranks_matches_one_process(tmp_path):
     torch.manual_seed(0)
-    # Three (8, 4) matrices split 2 + 1 over the ranks, padded on the second; a (6, 6) on rank 0 alone.
+    # Three (8, 4) matrices split 2 + 1 over the two ranks, so rank 1 pads one slot. The (6, 6) and
+    # (4, 10) matrices each run on rank 0 alone.
     grads = [torch.randn(8, 4), torch.randn(6, 6), torch.randn(8, 4), torch.randn(4, 10), torch.randn(8, 4)]
     params = [torch.nn.Parameter(torch.ones(g.shape)) for g in grads]
     opt = Muon(params, lr=0.1, momentum=0.9, backend_steps=5, weight_decay=0.01)
@@ -157,9 +158,14 @@ def test_muon_split_across_ranks_matches_one_process(tmp_path):
     workers = [context.Process(target=muon_worker, args=(r, 2, str(tmp_path / "store"), grads, queue)) for r in range(2)]
     for worker in workers:
         worker.start()
-    results = dict(queue.get(timeout=120) for _ in workers)
-    for worker in workers:
-        worker.join(timeout=60)
+    try:
+        results = dict(queue.get(timeout=120) for _ in workers)
+    finally:
+        for worker in workers:
+            worker.join(timeout=60)
+            if worker.is_alive():
+                worker.terminate()
+    assert [worker.exitcode for worker in workers] == [0, 0]
     for rank in range(2):
         for got, expected in zip(results[rank], params):
             assert torch.allclose(torch.from_numpy(got), expected.detach(), atol=1e-6)

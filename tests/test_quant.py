@@ -76,7 +76,7 @@ def test_artifact_roundtrip_gives_dequantized_logits():
     expected.load_state_dict(model.state_dict())
     with torch.no_grad():
         for name, p in expected.named_parameters():
-            if p.ndim == 2 and name not in ("skip_weights",) and not name.endswith("resid_mix"):
+            if p.ndim == 2 and name != "skip_weights" and not name.endswith("resid_mix"):
                 q, scale = quantize_with_clip_search(p)
                 p.copy_(q.float() * scale.float()[:, None])
     x = torch.randint(0, args.vocab_size + 1, (2, 32))

@@ -61,7 +61,7 @@ def test_final_lines_report_sizes_and_score(trained_run):
     assert [parse_fields(line)["eval_method"] for line in last_lines[1:]] == ["elbo", "chain16", "trap8"]
 
 
-def test_late_phase_lines(trained_run):
+def test_late_phase_switches_logged(trained_run):
     stdout = trained_run.stdout
     qat = parse_fields(lines_starting(stdout, "qat:enabled")[0])
     ema = parse_fields(lines_starting(stdout, "ema:started")[0])
@@ -115,7 +115,7 @@ def test_method_kinds_and_passes(trained_run):
     assert float(methods["trap8"]["val_bpb"]) < float(methods["elbo"]["val_bpb"])  # trap8 leaves out part of the NELBO
 
 
-def test_artifact_rescored_in_process_reproduces_final_lines(trained_run):
+def test_rescoring_reproduces_logged_scores(trained_run):
     args = Hyperparameters(trained_run.env)
     sp = load_tokenizer(str(TOKENIZER), args.vocab_size)
     val = load_validation_tokens(find_shards(args.val_files, "validation"), args.train_seq_len)
@@ -175,8 +175,9 @@ def test_split_batch_trains_the_same_model(tmp_path, tiny_data, trained_run, npr
     result = run_script(script_env(tiny_data, **overrides), tmp_path, nproc=nproc)
     assert result.returncode == 0, result.stderr[-3000:]
     assert ("world_size:2" if nproc else "grad_accum_steps:2") in result.stdout
-    first_step = [parse_fields(lines_starting(run, "step:1/60 train_loss")[0]) for run in (trained_run.stdout, result.stdout)]
-    assert first_step[0]["train_loss"] == first_step[1]["train_loss"]
+    first_losses = [float(parse_fields(lines_starting(run, "step:1/60 train_loss")[0])["train_loss"]) for run in (trained_run.stdout, result.stdout)]
+    assert first_losses[1] == pytest.approx(first_losses[0], abs=2e-4)  # the same batch and masks, summed in another order
     one_process = float(final_line(trained_run.stdout, "_exact")["val_bpb"])
     split = float(final_line(result.stdout, "_exact")["val_bpb"])
-    assert abs(split - one_process) < 0.002  # float rounding only; other seeds land a few hundredths away
+    # The runs differ by float rounding only: 1e-4 when measured, far below the gap between seeds.
+    assert split == pytest.approx(one_process, abs=0.002)
